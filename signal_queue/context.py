@@ -1,0 +1,186 @@
+"""Capture the request at emit time; rebuild app and request contexts in the worker.
+
+Flask's contexts cannot cross a process boundary, and passing plain data is
+safer than passing contexts (see ``flask.copy_current_request_context``). So
+at emit time we copy what a receiver reads (path, method, headers with
+secrets redacted, client IP, user, request id, ``g``) into a
+:class:`~signal_queue.event.RequestSnapshot`, and the worker pushes a fresh
+app context and a request context built from that snapshot.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+from flask import Flask, Request, g, has_app_context, has_request_context
+from flask import request as request_proxy
+
+from .event import Event, RequestSnapshot
+from .serialization import Codec, Unserializable
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_KEY = "signal_queue.request_id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+
+#: True while the worker pushes or pops the contexts it builds itself: the
+#: signals Flask sends then (appcontext_pushed and friends) are not user
+#: emits and must not be deferred again, or a receiver of them would loop.
+rebuilding: ContextVar[bool] = ContextVar("signal_queue.rebuilding", default=False)
+
+
+def client_ip(remote_addr: str | None, forwarded_for: str | None, trusted_hops: int) -> str | None:
+    """The client address, trusting ``trusted_hops`` proxies' X-Forwarded-For entries.
+
+    Same rule as werkzeug's ProxyFix: with N trusted proxies the client is the
+    N-th address from the right; with fewer entries than that, or N = 0, the
+    header is ignored (it is then whatever the client chose to send).
+    """
+    if trusted_hops <= 0 or not forwarded_for:
+        return remote_addr
+    values = [v.strip() for v in forwarded_for.split(",")]
+    if len(values) < trusted_hops:
+        return remote_addr
+    return values[-trusted_hops] or remote_addr
+
+
+def request_id(req: Request) -> str:
+    """The request's id: a well-formed ``X-Request-ID`` from the client, else a new one.
+
+    Kept in the WSGI environ so every event of one request shares it.
+    """
+    rid = req.environ.get(_REQUEST_ID_KEY)
+    if rid is None:
+        sent = req.headers.get(REQUEST_ID_HEADER, "")
+        rid = sent if _VALID_REQUEST_ID.match(sent) else uuid.uuid4().hex
+        req.environ[_REQUEST_ID_KEY] = rid
+    return str(rid)
+
+
+def current_user_id() -> str | None:
+    """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None."""
+    user = g.get("current_user")
+    if user is not None:
+        return _user_id(user)
+    try:
+        from flask_login import current_user
+    except ImportError:
+        return None
+    from flask import current_app
+
+    if getattr(current_app, "login_manager", None) is None:
+        return None
+    if not getattr(current_user, "is_authenticated", False):
+        return None
+    user_id = current_user.get_id()
+    return None if user_id is None else str(user_id)
+
+
+def _user_id(user: Any) -> str:
+    if isinstance(user, str):
+        return user
+    get_id = getattr(user, "get_id", None)
+    if callable(get_id):
+        return str(get_id())
+    if getattr(user, "id", None) is not None:
+        return str(user.id)
+    return str(user)
+
+
+def capture_g(codec: Codec) -> dict[str, Any]:
+    """The public attributes of ``g`` that can be sent as JSON; others are left out."""
+    captured: dict[str, Any] = {}
+    if not has_app_context():
+        return captured
+    for name, value in vars(g._get_current_object()).items():
+        if name.startswith("_"):
+            continue
+        try:
+            captured[name] = codec.encode(value, f"g.{name}")
+        except Unserializable:
+            continue
+    return captured
+
+
+def capture_request(codec: Codec, trusted_hops: int) -> RequestSnapshot | None:
+    """Snapshot the active request, or None outside a request."""
+    if not has_request_context():
+        return None
+    req: Request = request_proxy._get_current_object()  # type: ignore[attr-defined]
+    view_args: dict[str, Any] = {}
+    for key, value in (req.view_args or {}).items():
+        try:
+            view_args[key] = codec.encode(value, f"view_args.{key}")
+        except Unserializable:
+            view_args[key] = str(value)
+    return RequestSnapshot(
+        method=req.method,
+        scheme=req.scheme,
+        host=req.host,
+        root_path=req.root_path,
+        path=req.path,
+        query_string=req.query_string.decode("latin-1"),
+        url=req.url,
+        endpoint=req.endpoint,
+        view_args=view_args,
+        headers=[(h[0], h[1]) for h in codec.headers(req.headers.items())],
+        remote_addr=req.remote_addr,
+        client_ip=client_ip(req.remote_addr, req.headers.get("X-Forwarded-For"), trusted_hops),
+        request_id=request_id(req),
+        user=current_user_id(),
+    )
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    token = rebuilding.set(True)
+    try:
+        yield
+    finally:
+        rebuilding.reset(token)
+
+
+@contextmanager
+def rebuilt_context(app: Flask, event: Event, codec: Codec) -> Iterator[None]:
+    """Push an app context and, if one was captured, a request context like the emit's.
+
+    ``request.remote_addr`` is the client IP resolved at emit time; ``g`` gets
+    the captured attributes; a Flask-Login user is reloaded by the app's
+    ``user_loader``.
+    """
+    snap = event.request
+    if snap is None:
+        ctx: Any = app.app_context()
+    else:
+        ctx = app.test_request_context(
+            path=snap.path,
+            base_url=f"{snap.scheme}://{snap.host}{snap.root_path}",
+            query_string=snap.query_string,
+            method=snap.method,
+            headers=[h for h in snap.headers if h[0].lower() not in ("host", "content-length")],
+            environ_base={"REMOTE_ADDR": snap.client_ip or "", _REQUEST_ID_KEY: snap.request_id},
+        )
+    with _quiet():
+        ctx.push()
+    try:
+        for name, value in event.g.items():
+            setattr(g, name, codec.decode(value))
+        if snap is not None and snap.user is not None:
+            _restore_login_user(app, snap.user)
+        yield
+    finally:
+        with _quiet():
+            ctx.pop()
+
+
+def _restore_login_user(app: Flask, user_id: str) -> None:
+    manager = getattr(app, "login_manager", None)
+    if manager is None or "current_user" in g:
+        return
+    loader = getattr(manager, "_user_callback", None)
+    user = loader(user_id) if loader is not None else None
+    g._login_user = user if user is not None else manager.anonymous_user()

@@ -1,0 +1,203 @@
+"""The event: what one emit of a signal carries to one deferred receiver.
+
+An :class:`Event` is plain data. It is built at emit time, written to Redis
+as JSON by :meth:`Event.to_dict`, and read back in the worker by
+:meth:`Event.from_dict`, which checks every field and names the first one that
+is wrong. Inside a deferred handler it is available as :data:`current_event`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from contextvars import ContextVar
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+from werkzeug.local import LocalProxy
+
+from .exceptions import MalformedEvent
+
+#: Version of the payload format; a worker refuses versions it does not know.
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RequestSnapshot:
+    """The request as it was when the signal was sent."""
+
+    method: str
+    scheme: str
+    host: str
+    root_path: str
+    path: str
+    query_string: str
+    url: str
+    endpoint: str | None
+    view_args: dict[str, Any]
+    headers: list[tuple[str, str]]
+    remote_addr: str | None
+    client_ip: str | None
+    request_id: str
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One emit of ``signal`` for one ``receiver``.
+
+    ``sender`` and ``kwargs`` are in their encoded (JSON) form; the worker
+    decodes them once the contexts they may refer to are pushed.
+    """
+
+    id: str
+    signal: str
+    receiver: str
+    emitted_at: dt.datetime
+    sender: Any
+    kwargs: dict[str, Any]
+    request: RequestSnapshot | None = None
+    g: dict[str, Any] = field(default_factory=dict)
+    attempt: int = 1
+
+    @property
+    def request_id(self) -> str | None:
+        """The request id, when the signal was sent during a request."""
+        return self.request.request_id if self.request else None
+
+    @property
+    def user(self) -> str | None:
+        """The user id captured at emit time, if any."""
+        return self.request.user if self.request else None
+
+    def with_attempt(self, attempt: int) -> Event:
+        return replace(self, attempt=attempt)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in the RQ job."""
+        data: dict[str, Any] = {
+            "v": FORMAT_VERSION,
+            "id": self.id,
+            "signal": self.signal,
+            "receiver": self.receiver,
+            "emitted_at": self.emitted_at.isoformat(),
+            "sender": self.sender,
+            "kwargs": self.kwargs,
+            "request": None,
+            "g": self.g,
+        }
+        if self.request is not None:
+            r = self.request
+            data["request"] = {
+                "method": r.method,
+                "scheme": r.scheme,
+                "host": r.host,
+                "root_path": r.root_path,
+                "path": r.path,
+                "query_string": r.query_string,
+                "url": r.url,
+                "endpoint": r.endpoint,
+                "view_args": r.view_args,
+                "headers": [list(h) for h in r.headers],
+                "remote_addr": r.remote_addr,
+                "client_ip": r.client_ip,
+                "request_id": r.request_id,
+                "user": r.user,
+            }
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Event:
+        """Validate and build an event from its JSON form; raise :class:`MalformedEvent`."""
+        d = _Fields(data, "event")
+        version = d.get("v", int)
+        if version != FORMAT_VERSION:
+            raise MalformedEvent(
+                f"event format version {version} is not supported by this worker "
+                f"(it reads version {FORMAT_VERSION}); run a worker of the release that sent it"
+            )
+        emitted_raw = d.get("emitted_at", str)
+        try:
+            emitted_at = dt.datetime.fromisoformat(emitted_raw)
+        except ValueError:
+            raise MalformedEvent(f"event key 'emitted_at' is not an ISO datetime: {emitted_raw!r}") from None
+        if emitted_at.tzinfo is None:
+            raise MalformedEvent("event key 'emitted_at' has no timezone")
+        request = None
+        raw_request = d.get("request", dict, optional=True)
+        if raw_request is not None:
+            r = _Fields(raw_request, "request")
+            request = RequestSnapshot(
+                method=r.get("method", str),
+                scheme=r.get("scheme", str),
+                host=r.get("host", str),
+                root_path=r.get("root_path", str),
+                path=r.get("path", str),
+                query_string=r.get("query_string", str),
+                url=r.get("url", str),
+                endpoint=r.get("endpoint", str, optional=True),
+                view_args=r.get("view_args", dict),
+                headers=_header_pairs(r.get("headers", list)),
+                remote_addr=r.get("remote_addr", str, optional=True),
+                client_ip=r.get("client_ip", str, optional=True),
+                request_id=r.get("request_id", str),
+                user=r.get("user", str, optional=True),
+            )
+        return cls(
+            id=d.get("id", str),
+            signal=d.get("signal", str),
+            receiver=d.get("receiver", str),
+            emitted_at=emitted_at,
+            sender=d.get("sender", object, optional=True),
+            kwargs=d.get("kwargs", dict),
+            request=request,
+            g=d.get("g", dict),
+        )
+
+
+class _Fields:
+    """Typed access to a decoded JSON object, naming the key that is wrong."""
+
+    def __init__(self, data: Any, where: str) -> None:
+        if not isinstance(data, dict):
+            raise MalformedEvent(f"{where} must be a JSON object, got {type(data).__name__}")
+        self.data = data
+        self.where = where
+
+    def get(self, key: str, kind: type, optional: bool = False) -> Any:
+        if key not in self.data:
+            if optional:
+                return None
+            raise MalformedEvent(f"{self.where} key {key!r} is missing")
+        value = self.data[key]
+        if value is None and optional:
+            return None
+        if kind is not object and (not isinstance(value, kind) or isinstance(value, bool) != (kind is bool)):
+            raise MalformedEvent(
+                f"{self.where} key {key!r} must be {kind.__name__}, got {type(value).__name__}"
+            )
+        return value
+
+
+def _header_pairs(raw: list[Any]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in raw:
+        if not (isinstance(item, list) and len(item) == 2 and all(isinstance(x, str) for x in item)):
+            raise MalformedEvent("request key 'headers' must be a list of [name, value] strings")
+        pairs.append((item[0], item[1]))
+    return pairs
+
+
+_current_event: ContextVar[Event] = ContextVar("signal_queue.current_event")
+
+
+def _get_current_event() -> Event:
+    try:
+        return _current_event.get()
+    except LookupError:
+        raise RuntimeError(
+            "current_event is only available inside a deferred receiver run by signal_queue"
+        ) from None
+
+
+#: The event being handled, inside a deferred receiver (worker or eager mode).
+current_event: Event = cast(Event, LocalProxy(_get_current_event))

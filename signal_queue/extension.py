@@ -1,0 +1,196 @@
+"""The Flask extension: configuration, per-app state, CLI registration."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+from flask import Flask
+
+from .decorators import make_retry
+from .enqueue import Dispatcher
+from .event import Event
+from .exceptions import ConfigurationError
+from .serialization import Codec
+
+#: Request and response headers whose values never leave the process.
+DEFAULT_REDACT_HEADERS = (
+    "Authorization",
+    "Proxy-Authorization",
+    "Cookie",
+    "Set-Cookie",
+    "X-Api-Key",
+    "X-Auth-Token",
+    "X-CSRF-Token",
+    "X-CSRFToken",
+    "X-XSRF-Token",
+)
+
+#: Every key the extension reads, with its default. A key not set in the app's
+#: config is taken from the environment variable of the same name, if set.
+DEFAULTS: dict[str, Any] = {
+    "SIGNAL_QUEUE_REDIS_URL": "redis://localhost:6379/0",
+    "SIGNAL_QUEUE_QUEUE": "signals",
+    "SIGNAL_QUEUE_TRUSTED_PROXIES": 0,
+    "SIGNAL_QUEUE_REDACT_HEADERS": DEFAULT_REDACT_HEADERS,
+    "SIGNAL_QUEUE_EAGER": False,
+    "SIGNAL_QUEUE_RETRY": 0,
+    "SIGNAL_QUEUE_JOB_TIMEOUT": 180,
+    "SIGNAL_QUEUE_RESULT_TTL": 500,
+    "SIGNAL_QUEUE_FAILURE_TTL": 365 * 24 * 3600,
+    "SIGNAL_QUEUE_SOCKET_TIMEOUT": 2.0,
+    "SIGNAL_QUEUE_IMPORTS": (),
+    "SIGNAL_QUEUE_MAX_RESPONSE_BODY": 64 * 1024,
+}
+
+
+class SignalQueueState:
+    """Per-app state, kept in ``app.extensions["signal_queue"]``."""
+
+    def __init__(self, app: Flask) -> None:
+        config = app.config
+        self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
+        self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
+        self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
+        self.eager: bool = _bool(config, "SIGNAL_QUEUE_EAGER")
+        self.imports: tuple[str, ...] = tuple(_names(config, "SIGNAL_QUEUE_IMPORTS"))
+        redact = _names(config, "SIGNAL_QUEUE_REDACT_HEADERS")
+        self.codec = Codec(redact, max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0))
+        timeout = config["SIGNAL_QUEUE_SOCKET_TIMEOUT"]
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ConfigurationError(f"SIGNAL_QUEUE_SOCKET_TIMEOUT must be seconds > 0, got {timeout!r}")
+        try:
+            connection = redis.Redis.from_url(
+                self.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
+            )
+        except ValueError as exc:
+            raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL {self.redis_url!r} is not valid: {exc}") from None
+        try:
+            retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
+        except ConfigurationError as exc:
+            raise ConfigurationError(f"SIGNAL_QUEUE_RETRY: {exc}") from None
+        self.dispatcher = Dispatcher(
+            connection,
+            self.queue_name,
+            default_retry=retry,
+            default_timeout=_int(config, "SIGNAL_QUEUE_JOB_TIMEOUT", minimum=1),
+            result_ttl=_int(config, "SIGNAL_QUEUE_RESULT_TTL", minimum=-1),
+            failure_ttl=_int(config, "SIGNAL_QUEUE_FAILURE_TTL", minimum=1),
+        )
+        self._app_name = app.name
+
+    @property
+    def connection(self) -> redis.Redis:
+        return self.dispatcher.connection
+
+    def queue_names(self) -> list[str]:
+        """The default queue, then every queue a registered receiver names."""
+        from .registry import receivers
+
+        return [self.queue_name, *sorted(receivers.queues() - {self.queue_name})]
+
+    def run_eagerly(self, event: Event) -> None:
+        """Eager mode: run the handler now, after the same JSON round trip a worker sees."""
+        from flask import current_app
+
+        from .jobs import execute_event
+
+        payload = json.loads(json.dumps(event.to_dict()))
+        execute_event(current_app._get_current_object(), payload)  # type: ignore[attr-defined]
+
+
+class SignalQueue:
+    """Defers ``@deferred`` receivers of an app to RQ workers.
+
+    ``SignalQueue(app)``, or ``sq = SignalQueue()`` then ``sq.init_app(app)`` in
+    an app factory. Reads these config keys (each defaults to the environment
+    variable of the same name, then to :data:`DEFAULTS`):
+
+    - ``SIGNAL_QUEUE_REDIS_URL``: Redis for the queue (``redis://``, ``rediss://``, ``unix://``).
+    - ``SIGNAL_QUEUE_QUEUE``: default RQ queue name.
+    - ``SIGNAL_QUEUE_TRUSTED_PROXIES``: X-Forwarded-For hops to trust for the client IP.
+    - ``SIGNAL_QUEUE_REDACT_HEADERS``: header names whose values are replaced.
+    - ``SIGNAL_QUEUE_EAGER``: run handlers inline after a JSON round trip (tests).
+    - ``SIGNAL_QUEUE_RETRY``, ``SIGNAL_QUEUE_JOB_TIMEOUT``: defaults for ``@deferred``.
+    - ``SIGNAL_QUEUE_RESULT_TTL``, ``SIGNAL_QUEUE_FAILURE_TTL``: how long RQ keeps records.
+    - ``SIGNAL_QUEUE_SOCKET_TIMEOUT``: Redis connect and read timeout, seconds.
+    - ``SIGNAL_QUEUE_IMPORTS``: modules the worker imports for their receivers.
+    - ``SIGNAL_QUEUE_MAX_RESPONSE_BODY``: largest response body carried to the worker.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        if "signal_queue" in app.extensions:
+            raise ConfigurationError(
+                f"SignalQueue is already set up on app {app.name!r}; call init_app once per app"
+            )
+        for key, default in DEFAULTS.items():
+            app.config.setdefault(key, _from_env(key, default))
+        app.extensions["signal_queue"] = SignalQueueState(app)
+
+        from .cli import signal_queue_cli
+
+        if "signal-queue" not in app.cli.commands:
+            app.cli.add_command(signal_queue_cli)
+
+    @staticmethod
+    def state(app: Flask) -> SignalQueueState:
+        """The extension's state for ``app``."""
+        from .emit import state_for
+
+        return state_for(app)
+
+
+def _from_env(key: str, default: Any) -> Any:
+    raw = os.environ.get(key)
+    if raw is None:
+        return default
+    if isinstance(default, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigurationError(f"environment variable {key}={raw!r} must be a whole number") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigurationError(f"environment variable {key}={raw!r} must be a number") from None
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    return raw
+
+
+def _str(config: Any, key: str) -> str:
+    value = config[key]
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _int(config: Any, key: str, minimum: int) -> int:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigurationError(f"{key} must be a whole number >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(config: Any, key: str) -> bool:
+    value = config[key]
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
+def _names(config: Any, key: str) -> Iterable[str]:
+    value = config[key]
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ConfigurationError(f"{key} must be a list of strings, got {value!r}")
+    return list(value)

@@ -1,0 +1,347 @@
+"""JSON encoding of what a signal carries: kwargs, senders and exceptions.
+
+Everything that crosses Redis is JSON. Plain JSON values go as they are; a few
+types Flask signals send (exceptions, responses, templates, the app, ``g``,
+``request``) and a few common Python types (datetime, UUID, Decimal, bytes,
+tuple, set) are written as tagged objects ``{"__sq__": tag, ...}`` and rebuilt
+in the worker. Anything else is refused at emit time with the key that held it,
+so that a value that cannot reach the worker fails where the programmer can
+see it, not later in a log nobody reads.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import sys
+import traceback
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from decimal import Decimal
+from typing import Any
+
+from flask import Flask, Request, current_app
+from flask.ctx import _AppCtxGlobals
+from flask.sessions import SessionMixin
+from jinja2 import Template
+from werkzeug.local import LocalProxy
+from werkzeug.wrappers import Response
+
+TAG = "__sq__"
+REDACTED = "[REDACTED]"
+JSONScalar = (str, int, float, bool, type(None))
+
+
+class Unserializable(TypeError):
+    """A value at ``key`` cannot be encoded; the caller adds signal and receiver."""
+
+    def __init__(self, key: str, value: Any, reason: str = "") -> None:
+        self.key = key
+        self.type_name = _type_name(type(value))
+        self.reason = reason or f"{self.type_name} is not JSON-serializable"
+        super().__init__(f"{key}: {self.reason}")
+
+
+class RemoteException(Exception):
+    """Stand-in for an exception whose type cannot be rebuilt in the worker.
+
+    Instances are of a subclass named like the original type (same
+    ``__module__`` and ``__qualname__``), so ``traceback.format_exception_only``
+    prints the same text it printed in the request. ``type_name``,
+    ``message`` and ``remote_traceback`` carry what was captured.
+    """
+
+    type_name: str = ""
+
+    def __init__(self, message: str, remote_traceback: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.remote_traceback = remote_traceback
+
+
+class OpaqueSender:
+    """Stand-in for a sender that is neither JSON, the app, nor an importable class or function.
+
+    Carries the sender's type name and ``repr`` as they were at emit time.
+    """
+
+    def __init__(self, type_name: str, text: str) -> None:
+        self.type_name = type_name
+        self.text = text
+
+    def __repr__(self) -> str:
+        return self.text
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, OpaqueSender)
+            and (self.type_name, self.text) == (other.type_name, other.text)
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.type_name, self.text))
+
+
+_standin_classes: dict[tuple[str, str], type[RemoteException]] = {}
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _resolve_loaded(module: str, qualname: str) -> Any:
+    """Find ``module:qualname`` among modules already imported, never importing one.
+
+    Redis is not a trust boundary: a name read from a job must not make the
+    worker import code.
+    """
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        return None
+    for part in qualname.split("."):
+        if part == "<locals>":
+            return None
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _standin_class(module: str, qualname: str) -> type[RemoteException]:
+    key = (module, qualname)
+    cls = _standin_classes.get(key)
+    if cls is None:
+        name = qualname.rsplit(".", 1)[-1]
+        cls = type(
+            name,
+            (RemoteException,),
+            {"__module__": module, "__qualname__": qualname, "type_name": f"{module}.{qualname}"},
+        )
+        _standin_classes[key] = cls
+    return cls
+
+
+class Codec:
+    """Encodes values for a queue and decodes them in a worker.
+
+    ``redact_headers`` names (lower case) the response headers whose values
+    are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept.
+    """
+
+    def __init__(self, redact_headers: Iterable[str] = (), max_body: int = 64 * 1024) -> None:
+        self.redact_headers = frozenset(h.lower() for h in redact_headers)
+        self.max_body = max_body
+        self._encoders: list[tuple[type | tuple[type, ...], Callable[[Any, str], Any]]] = [
+            (BaseException, lambda v, k: self.encode_exception(v)),
+            (Flask, lambda v, k: {TAG: "app"}),
+            (Response, self._encode_response),
+            (Template, lambda v, k: {TAG: "template", "name": v.name}),
+            (Request, lambda v, k: {TAG: "request"}),
+            (_AppCtxGlobals, lambda v, k: {TAG: "g"}),
+            (SessionMixin, lambda v, k: {TAG: "session"}),
+            (dt.datetime, lambda v, k: {TAG: "datetime", "v": v.isoformat()}),
+            (dt.date, lambda v, k: {TAG: "date", "v": v.isoformat()}),
+            (dt.time, lambda v, k: {TAG: "time", "v": v.isoformat()}),
+            (dt.timedelta, lambda v, k: {TAG: "timedelta", "v": v.total_seconds()}),
+            (uuid.UUID, lambda v, k: {TAG: "uuid", "v": str(v)}),
+            (Decimal, lambda v, k: {TAG: "decimal", "v": str(v)}),
+            (bytes, lambda v, k: {TAG: "bytes", "v": base64.b64encode(v).decode("ascii")}),
+            (tuple, lambda v, k: {TAG: "tuple", "items": self._encode_items(v, k)}),
+            (frozenset, lambda v, k: {TAG: "frozenset", "items": self._encode_items(v, k)}),
+            (set, lambda v, k: {TAG: "set", "items": self._encode_items(v, k)}),
+        ]
+
+    # -- encoding -----------------------------------------------------------------
+
+    def encode(self, value: Any, key: str) -> Any:
+        """Return a JSON-ready form of ``value``; raise :class:`Unserializable` naming ``key``."""
+        if isinstance(value, LocalProxy):
+            value = value._get_current_object()
+        if isinstance(value, str):
+            return str(value)  # drops str subclasses such as markupsafe.Markup
+        if isinstance(value, JSONScalar):
+            return value
+        if isinstance(value, list):
+            return self._encode_items(value, key)
+        if isinstance(value, dict):
+            encoded = {}
+            for k, v in value.items():
+                if not isinstance(k, str):
+                    raise Unserializable(f"{key}[{k!r}]", k, "dict keys must be strings")
+                encoded[k] = self.encode(v, f"{key}[{k!r}]")
+            if TAG in encoded:
+                return {TAG: "dict", "items": encoded}
+            return encoded
+        for cls, encoder in self._encoders:
+            if isinstance(value, cls):
+                return encoder(value, key)
+        raise Unserializable(key, value)
+
+    def _encode_items(self, items: Iterable[Any], key: str) -> list[Any]:
+        return [self.encode(v, f"{key}[{i}]") for i, v in enumerate(items)]
+
+    def encode_exception(self, exc: BaseException) -> dict[str, Any]:
+        """Capture an exception's type, args, message and formatted traceback."""
+        cls = type(exc)
+        try:
+            args: list[Any] | None = self._encode_items(exc.args, "args")
+        except Unserializable:
+            args = None
+        notes = [str(n) for n in getattr(exc, "__notes__", ()) or ()]
+        return {
+            TAG: "exception",
+            "module": cls.__module__,
+            "qualname": cls.__qualname__,
+            "args": args,
+            "message": _safe_str(exc),
+            "notes": notes,
+            "format_only": "".join(traceback.format_exception_only(cls, exc)),
+            "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
+        }
+
+    def _encode_response(self, response: Response, key: str) -> dict[str, Any]:
+        body: str | None = None
+        if not response.is_streamed:
+            data = response.get_data()
+            if len(data) <= self.max_body:
+                body = base64.b64encode(data).decode("ascii")
+        return {
+            TAG: "response",
+            "status": response.status,
+            "headers": self.headers(response.headers.items()),
+            "body": body,
+        }
+
+    def headers(self, items: Iterable[tuple[str, str]]) -> list[list[str]]:
+        """Header pairs with the values of secret headers replaced."""
+        return [
+            [name, REDACTED if name.lower() in self.redact_headers else value]
+            for name, value in items
+        ]
+
+    def encode_sender(self, sender: Any) -> Any:
+        """Encode a signal's sender; never fails (see :func:`decode_sender`)."""
+        if isinstance(sender, LocalProxy):
+            sender = sender._get_current_object()
+        if isinstance(sender, Flask):
+            return {TAG: "app"}
+        try:
+            return self.encode(sender, "sender")
+        except Unserializable:
+            pass
+        if isinstance(sender, type) or (callable(sender) and hasattr(sender, "__qualname__")):
+            module = getattr(sender, "__module__", None)
+            if module and "<locals>" not in sender.__qualname__:
+                return {TAG: "ref", "module": module, "qualname": sender.__qualname__}
+        return {TAG: "opaque", "type": _type_name(type(sender)), "repr": _safe_repr(sender)}
+
+    # -- decoding -----------------------------------------------------------------
+
+    def decode(self, value: Any) -> Any:
+        """Rebuild a value written by :meth:`encode`; needs the worker's contexts pushed."""
+        if isinstance(value, list):
+            return [self.decode(v) for v in value]
+        if not isinstance(value, dict):
+            return value
+        tag = value.get(TAG)
+        if tag is None:
+            return {k: self.decode(v) for k, v in value.items()}
+        decoder = _DECODERS.get(tag)
+        if decoder is None:
+            raise ValueError(f"unknown tag {tag!r}")
+        return decoder(self, value)
+
+    def decode_sender(self, value: Any) -> Any:
+        """Rebuild a sender: the worker's app, a JSON value, a class or function, or a stand-in."""
+        if isinstance(value, dict) and value.get(TAG) == "ref":
+            found = _resolve_loaded(str(value["module"]), str(value["qualname"]))
+            if found is not None:
+                return found
+            return OpaqueSender("type", f"<{value['module']}.{value['qualname']}>")
+        if isinstance(value, dict) and value.get(TAG) == "opaque":
+            return OpaqueSender(str(value["type"]), str(value["repr"]))
+        return self.decode(value)
+
+    def decode_exception(self, value: Mapping[str, Any]) -> BaseException:
+        """Rebuild the captured exception, or a stand-in of the same name."""
+        module, qualname = str(value["module"]), str(value["qualname"])
+        message, text = str(value["message"]), str(value["traceback"])
+        notes = [str(n) for n in value.get("notes") or ()]
+        cls = _resolve_loaded(module, qualname)
+        exc: BaseException | None = None
+        if isinstance(cls, type) and issubclass(cls, BaseException) and value["args"] is not None:
+            try:
+                exc = cls(*self.decode(value["args"]))
+                if notes:
+                    exc.__notes__ = list(notes)
+                same = "".join(traceback.format_exception_only(cls, exc)) == value["format_only"]
+            except Exception:
+                exc, same = None, False
+            if not same:
+                exc = None
+        if exc is None:
+            exc = _standin_class(module, qualname)(message, text)
+            if notes:
+                exc.__notes__ = list(notes)
+        exc.remote_traceback = text  # type: ignore[attr-defined]
+        return exc
+
+
+def _decode_response(codec: Codec, value: Mapping[str, Any]) -> Response:
+    body = value.get("body")
+    data = base64.b64decode(body) if body is not None else b""
+    response: Response = current_app.response_class(data, status=value["status"])
+    response.headers.clear()
+    for name, header in value["headers"]:
+        response.headers.add(name, header)
+    return response
+
+
+def _decode_template(codec: Codec, value: Mapping[str, Any]) -> Any:
+    name = value.get("name")
+    if name is None:
+        return OpaqueSender("jinja2.environment.Template", "<Template from string>")
+    return current_app.jinja_env.get_template(name)
+
+
+def _current(name: str) -> Callable[[Codec, Mapping[str, Any]], Any]:
+    import flask
+
+    return lambda codec, value: getattr(flask, name)._get_current_object()
+
+
+_DECODERS: dict[str, Callable[[Codec, Mapping[str, Any]], Any]] = {
+    "exception": lambda c, v: c.decode_exception(v),
+    "app": lambda c, v: current_app._get_current_object(),  # type: ignore[attr-defined]
+    "response": _decode_response,
+    "template": _decode_template,
+    "request": _current("request"),
+    "g": _current("g"),
+    "session": _current("session"),
+    "datetime": lambda c, v: dt.datetime.fromisoformat(v["v"]),
+    "date": lambda c, v: dt.date.fromisoformat(v["v"]),
+    "time": lambda c, v: dt.time.fromisoformat(v["v"]),
+    "timedelta": lambda c, v: dt.timedelta(seconds=v["v"]),
+    "uuid": lambda c, v: uuid.UUID(v["v"]),
+    "decimal": lambda c, v: Decimal(v["v"]),
+    "bytes": lambda c, v: base64.b64decode(v["v"]),
+    "tuple": lambda c, v: tuple(c.decode(v["items"])),
+    "set": lambda c, v: set(c.decode(v["items"])),
+    "frozenset": lambda c, v: frozenset(c.decode(v["items"])),
+    "dict": lambda c, v: {k: c.decode(x) for k, x in v["items"].items()},
+}
+
+
+def _safe_str(obj: object) -> str:
+    try:
+        return str(obj)
+    except Exception:
+        return f"<unprintable {type(obj).__name__}>"
+
+
+def _safe_repr(obj: object) -> str:
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<unrepresentable {type(obj).__name__}>"
+    return text[:500]

@@ -1,0 +1,61 @@
+"""Fixtures: a private redis-server per session, an empty database per test, real workers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.redis_server import RedisServer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The private Redis, emptied, and set as SIGNAL_QUEUE_REDIS_URL for apps and workers."""
+    redis.Redis.from_url(redis_server.url).flushall()
+    monkeypatch.setenv("SIGNAL_QUEUE_REDIS_URL", redis_server.url)
+    return redis_server.url
+
+
+@pytest.fixture
+def conn(redis_url: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_url)
+
+
+def run_worker(
+    app: str,
+    url: str,
+    *extra: str,
+    cwd: Path = ROOT,
+    pythonpath: tuple[Path, ...] = (),
+    timeout: float = 120,
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python worker.py --burst`` in its own process until the queues are empty."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([*(str(p) for p in pythonpath), str(ROOT)])
+    env["SIGNAL_QUEUE_REDIS_URL"] = url
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "worker.py"), "--app", app, "--url", url, "--burst", *extra],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, f"worker exited {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return result
