@@ -81,6 +81,6 @@ def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> Non
     state = state_for(app)
     event = build_event(state, receiver, sender, kwargs)
     if state.eager:
-        state.run_eagerly(event)
+        state.run_eagerly(app, event)
     else:
         state.dispatcher.deliver(receiver, event)

@@ -55,7 +55,8 @@ class SignalQueueState:
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
         self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
         self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
-        self.eager: bool = _bool(config, "SIGNAL_QUEUE_EAGER")
+        _bool(config, "SIGNAL_QUEUE_EAGER")
+        self._config = config
         self.imports: tuple[str, ...] = tuple(_names(config, "SIGNAL_QUEUE_IMPORTS"))
         redact = _names(config, "SIGNAL_QUEUE_REDACT_HEADERS")
         self.codec = Codec(redact, max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0))
@@ -83,6 +84,11 @@ class SignalQueueState:
         self._app_name = app.name
 
     @property
+    def eager(self) -> bool:
+        """Read at each emit, so a test may switch it with ``app.config["SIGNAL_QUEUE_EAGER"]``."""
+        return bool(self._config["SIGNAL_QUEUE_EAGER"])
+
+    @property
     def connection(self) -> redis.Redis:
         return self.dispatcher.connection
 
@@ -92,14 +98,12 @@ class SignalQueueState:
 
         return [self.queue_name, *sorted(receivers.queues() - {self.queue_name})]
 
-    def run_eagerly(self, event: Event) -> None:
+    def run_eagerly(self, app: Flask, event: Event) -> None:
         """Eager mode: run the handler now, after the same JSON round trip a worker sees."""
-        from flask import current_app
-
         from .jobs import execute_event
 
         payload = json.loads(json.dumps(event.to_dict()))
-        execute_event(current_app._get_current_object(), payload)  # type: ignore[attr-defined]
+        execute_event(app, payload)
 
 
 class SignalQueue:

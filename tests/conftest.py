@@ -15,13 +15,17 @@ from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Chosen before any test module imports an app, so every app made at import
+# time points at the private server: the machine's Redis on 6379 is never used.
+SERVER = RedisServer()
+os.environ["SIGNAL_QUEUE_REDIS_URL"] = SERVER.url
+
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
+    SERVER.start()
+    yield SERVER
+    SERVER.stop()
 
 
 @pytest.fixture

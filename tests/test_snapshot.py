@@ -1,0 +1,125 @@
+"""The request snapshot survives the trip: headers, redaction, proxies, users, app-context emits."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from tests.conftest import run_worker
+from tests.recording import records
+from tests.snapshot_app import create_app, probe
+
+APP = "tests.snapshot_app:create_app()"
+
+
+def handled(conn: redis.Redis, url: str) -> dict[str, Any]:
+    run_worker(APP, url)
+    [rec] = records(conn)
+    return rec
+
+
+def test_headers_are_kept_and_secrets_redacted(conn: redis.Redis, redis_url: str) -> None:
+    """Ordinary headers arrive as sent; Authorization, Cookie and API keys arrive as [REDACTED]."""
+    client = create_app().test_client()
+    client.set_cookie("tracking", "c00kie")
+    client.post(
+        "/probe/x?a=1&b=two",
+        headers={
+            "Authorization": "Bearer s3cret",
+            "X-Api-Key": "k",
+            "X-Custom": "visible",
+            "X-Request-ID": "req-123",
+            "User-Agent": "probe/1.0",
+        },
+    )
+    rec = handled(conn, redis_url)
+    req = rec["request"]
+    assert req["headers"]["Authorization"] == "[REDACTED]"
+    assert req["headers"]["Cookie"] == "[REDACTED]"
+    assert req["headers"]["X-Api-Key"] == "[REDACTED]"
+    assert req["headers"]["X-Custom"] == "visible"
+    assert req["headers"]["User-Agent"] == "probe/1.0"
+    assert req["request_id"] == "req-123"
+    assert (req["method"], req["path"], req["query"]) == ("POST", "/probe/x", "a=1&b=two")
+    assert req["url"] == "http://localhost/probe/x?a=1&b=two"
+    assert req["endpoint"] == "view"
+    assert rec["kwargs"]["args"] == {"a": "1", "b": "two"}
+    assert rec["g"] == {"tenant": "acme"}, "JSON attributes of g are carried, others left out"
+    assert rec["kwargs"]["emitted_at_tz"] == "UTC"
+    stored = str(conn.hgetall(f"rq:job:{rec['event_id']}"))
+    assert "probe" in stored, "the finished job is still stored"
+    assert "s3cret" not in stored and "c00kie" not in stored
+
+
+def test_redacted_headers_are_configurable(conn: redis.Redis, redis_url: str) -> None:
+    """SIGNAL_QUEUE_REDACT_HEADERS replaces the default list, matched without case."""
+    app = create_app(SIGNAL_QUEUE_REDACT_HEADERS=["x-custom"])
+    app.test_client().get("/probe/x", headers={"X-Custom": "hidden", "Authorization": "Basic x"})
+    req = handled(conn, redis_url)["request"]
+    assert req["headers"]["X-Custom"] == "[REDACTED]"
+    assert req["headers"]["Authorization"] == "Basic x"
+
+
+def test_request_id_is_generated_when_absent_or_malformed(conn: redis.Redis, redis_url: str) -> None:
+    """A missing or malformed X-Request-ID gets a fresh id, shared by the request's events."""
+    app = create_app()
+    app.test_client().get("/probe/x", headers={"X-Request-ID": "bad id\twith spaces"})
+    rid = handled(conn, redis_url)["request"]["request_id"]
+    assert len(rid) == 32 and rid.isalnum()
+
+
+@pytest.mark.parametrize(
+    ("hops", "forwarded", "expected"),
+    [
+        (0, "6.6.6.6", "10.0.0.1"),  # spoofed header ignored by default
+        (1, "6.6.6.6", "6.6.6.6"),
+        (1, "1.1.1.1, 2.2.2.2", "2.2.2.2"),  # only the last hop is trusted
+        (2, "1.1.1.1, 2.2.2.2", "1.1.1.1"),
+        (2, "2.2.2.2", "10.0.0.1"),  # fewer entries than trusted hops: ignored
+    ],
+)
+def test_client_ip_trusts_only_configured_proxies(
+    conn: redis.Redis, redis_url: str, hops: int, forwarded: str, expected: str
+) -> None:
+    """The worker's request.remote_addr is the client IP resolved with SIGNAL_QUEUE_TRUSTED_PROXIES."""
+    app = create_app(SIGNAL_QUEUE_TRUSTED_PROXIES=hops)
+    app.test_client().get(
+        "/probe/x", headers={"X-Forwarded-For": forwarded}, environ_base={"REMOTE_ADDR": "10.0.0.1"}
+    )
+    rec = handled(conn, redis_url)
+    assert rec["request"]["remote_addr"] == expected
+    assert rec["kwargs"]["client_ip"] == expected
+    assert rec["kwargs"]["peer"] == "10.0.0.1"
+    assert rec["request"]["headers"]["X-Forwarded-For"] == forwarded
+
+
+def test_flask_login_user_is_reloaded_in_the_worker(conn: redis.Redis, redis_url: str) -> None:
+    """current_user in the worker is the emit's user, reloaded through the app's user_loader."""
+    app = create_app()
+    app.test_client().get("/login-probe")
+    rec = handled(conn, redis_url)
+    assert rec["request"]["user"] == "42"
+    assert rec["kwargs"]["login_user"] == "42"
+    assert rec["kwargs"]["login_name"] == "Ada Lovelace"
+
+
+def test_anonymous_request_has_no_user(conn: redis.Redis, redis_url: str) -> None:
+    """With nobody logged in, the snapshot's user is None and current_user is anonymous."""
+    create_app().test_client().get("/probe/x")
+    rec = handled(conn, redis_url)
+    assert rec["request"]["user"] is None
+    assert rec["kwargs"]["login_user"] is None
+
+
+def test_app_context_only_emit_has_no_request(conn: redis.Redis, redis_url: str) -> None:
+    """A signal sent outside a request (CLI, job) gets an app context and no request."""
+    app = create_app()
+    with app.app_context():
+        probe.send("cli")
+    rec = handled(conn, redis_url)
+    assert rec["request"] is None
+    assert rec["sender"] == "cli"
+    assert rec["kwargs"]["has_request"] is False
+    assert rec["kwargs"]["app_name"] == "tests.snapshot_app"
