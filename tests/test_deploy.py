@@ -1,0 +1,101 @@
+"""docker-compose.yml and the demo: checked without a Docker engine, by parsing and by running the same processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.conftest import ROOT
+
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def image_path(path: str) -> Path:
+    """A path inside the image, mapped back to the repo (the Dockerfile copies the repo to /app)."""
+    assert path.startswith("/app/"), path
+    return ROOT / path.removeprefix("/app/")
+
+
+def module_file(module: str) -> Path:
+    """Where the image's PYTHONPATH finds ``module``."""
+    pythonpath = re.search(r"^ENV PYTHONPATH=(\S+)", DOCKERFILE, re.M)
+    assert pythonpath, "the Dockerfile sets PYTHONPATH"
+    for entry in pythonpath.group(1).split(":"):
+        candidate = image_path(entry.rstrip("/") + "/") / (module.replace(".", "/") + ".py")
+        if candidate.exists():
+            return candidate
+    raise AssertionError(f"module {module} is not on the image's PYTHONPATH")
+
+
+def test_compose_has_redis_app_and_worker_wired_to_one_redis() -> None:
+    """Three services; app and worker use the redis service, wait for its healthcheck."""
+    services: dict[str, Any] = COMPOSE["services"]
+    assert {"redis", "app", "worker"} <= set(services)
+    redis_svc = services["redis"]
+    assert "--appendonly" in redis_svc["command"] and "yes" in redis_svc["command"]
+    assert redis_svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    for name in ("app", "worker"):
+        svc = services[name]
+        assert svc["environment"]["SIGNAL_QUEUE_REDIS_URL"] == "redis://redis:6379/0"
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["worker"]["restart"] == "on-failure"
+    assert "ports" not in services["worker"], "workers scale with --scale worker=N, so publish no port"
+
+
+def test_compose_commands_name_files_and_modules_that_exist() -> None:
+    """Every command's script and app module exists where the image puts it."""
+    worker_cmd = COMPOSE["services"]["worker"]["command"]
+    assert worker_cmd[:2] == ["python", "/app/worker.py"]
+    assert image_path(worker_cmd[1]).is_file()
+    app_ref = worker_cmd[worker_cmd.index("--app") + 1]
+    assert module_file(app_ref.split(":")[0]).is_file()
+
+    app_cmd = COMPOSE["services"]["app"]["command"]
+    assert app_cmd[0] == "gunicorn"
+    assert module_file(app_cmd[-1].split(":")[0]).is_file()
+    assert re.search(r'"gunicorn', (ROOT / "pyproject.toml").read_text()), "gunicorn is installed by the image"
+    for src in re.findall(r"^COPY (.+) \S+$", DOCKERFILE, re.M):
+        for part in src.split():
+            assert (ROOT / part).exists(), f"Dockerfile copies {part}, which is missing"
+
+
+def test_compose_environment_is_documented() -> None:
+    """Every environment variable compose sets is in the README's configuration table."""
+    readme = (ROOT / "README.md").read_text()
+    for svc in COMPOSE["services"].values():
+        for key in (svc.get("environment") or {}):
+            assert f"`{key}`" in readme, key
+
+
+def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_demo_starts_a_private_redis_when_none_is_configured() -> None:
+    """The demo, with no SIGNAL_QUEUE_REDIS_URL, starts redis-server, app and worker, and stops them."""
+    env = {k: v for k, v in os.environ.items() if k != "SIGNAL_QUEUE_REDIS_URL"}
+    out = _demo(env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "started a private redis-server" in out.stdout
+    assert "alice@127.0.0.1 accessed /dashboard" in out.stdout
+    assert "Critical error in <Flask 'application'>: ZeroDivisionError: division by zero" in out.stdout
+    assert "nothing written by the app process: True" in out.stdout
+    assert re.search(r"queue 'signals': 0 waiting, 4 finished, 0 failed; workers: 1", out.stdout), out.stdout
+    assert "stopped everything the demo started" in out.stdout
+
+
+def test_demo_uses_the_configured_redis(redis_url: str) -> None:
+    """With SIGNAL_QUEUE_REDIS_URL answering, the demo uses it."""
+    out = _demo(dict(os.environ, SIGNAL_QUEUE_REDIS_URL=redis_url))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"using the Redis at {redis_url}" in out.stdout

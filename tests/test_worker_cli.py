@@ -1,0 +1,109 @@
+"""The worker entry points: python worker.py, flask signal-queue worker, and rq info seeing them."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import redis
+
+import signal_queue
+from tests.conftest import ROOT, run_worker
+from tests.misc_app import create_app
+from tests.recording import records
+
+
+def env_for(url: str, **extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SIGNAL_QUEUE_REDIS_URL=url, **extra)
+    env.pop("FLASK_APP", None)
+    env.pop("SIGNAL_QUEUE_APP", None)
+    env.update(extra)
+    return env
+
+
+def test_flask_cli_worker_runs_the_same_jobs(conn: redis.Redis, redis_url: str) -> None:
+    """`flask signal-queue worker --burst` handles the app's events like python worker.py."""
+    create_app().test_client().get("/emit/from-cli")
+    out = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests.misc_app:create_app()", "signal-queue", "worker", "--burst"],
+        cwd=ROOT, env=env_for(redis_url), capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [r["kwargs"]["value"] for r in records(conn)] == ["from-cli"]
+
+
+def test_worker_finds_the_app_in_the_environment(conn: redis.Redis, redis_url: str) -> None:
+    """Without --app, worker.py reads SIGNAL_QUEUE_APP, then FLASK_APP."""
+    create_app().test_client().get("/emit/env")
+    for var in ("SIGNAL_QUEUE_APP", "FLASK_APP"):
+        create_app().test_client().get(f"/emit/{var}")
+        out = subprocess.run(
+            [sys.executable, "worker.py", "--burst"],
+            cwd=ROOT, env=env_for(redis_url, **{var: "tests.misc_app:create_app()"}),
+            capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+    assert sorted(r["kwargs"]["value"] for r in records(conn)) == ["FLASK_APP", "SIGNAL_QUEUE_APP", "env"]
+
+
+def test_worker_without_an_app_says_how_to_give_one(redis_url: str) -> None:
+    """No --app and no environment: exit 2 with the fix in the message."""
+    out = subprocess.run(
+        [sys.executable, "worker.py", "--burst"], cwd=ROOT, env=env_for(redis_url),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 2
+    assert "pass --app module:app, or set SIGNAL_QUEUE_APP or FLASK_APP" in out.stderr
+
+
+def test_rq_info_shows_the_queue_and_the_running_worker(conn: redis.Redis, redis_url: str) -> None:
+    """`rq info` lists the signals queue with its depth and a live signal_queue worker."""
+    app = create_app()
+    for i in range(3):
+        app.test_client().get(f"/emit/{i}")
+    rq = [sys.executable, "-m", "rq.cli", "info", "--url", redis_url, "signals"]
+    before = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert re.search(r"^signals\s+\|\D*3, 0 executing, 0 finished, 0 failed", before, re.M), before
+
+    worker = subprocess.Popen(
+        [sys.executable, "worker.py", "--app", "tests.misc_app:create_app()", "--name", "sq-info-test"],
+        cwd=ROOT, env=env_for(redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        seen = ""
+        while time.monotonic() < deadline:
+            seen = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
+            if "sq-info-test" in seen and len(records(conn)) == 3:
+                break
+            time.sleep(0.1)
+        assert "sq-info-test" in seen, seen
+        assert "1 workers, 1 queues" in seen, seen
+        assert re.search(r"^signals\s+\|\D*0, 0 executing, 3 finished, 0 failed", seen, re.M), seen
+        assert len(records(conn)) == 3
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+    after = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "0 workers, 1 queues" in after, "a stopped worker deregisters"
+    assert worker.returncode == 0
+
+
+def test_public_api_is_exported() -> None:
+    """__all__ lists the public names, and each one exists."""
+    assert {"SignalQueue", "deferred", "current_event"} <= set(signal_queue.__all__)
+    for name in signal_queue.__all__:
+        assert hasattr(signal_queue, name), name
+
+
+def test_run_worker_helper_reports_failures(redis_url: str) -> None:
+    """The burst-worker helper really runs worker.py (a bad app path fails loudly)."""
+    try:
+        run_worker("tests.no_such_module:app", redis_url)
+    except AssertionError as exc:
+        assert "worker exited 2" in str(exc)
+    else:
+        raise AssertionError("a worker for a missing app should fail")
