@@ -6,42 +6,19 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .worker import WORKER_CLASSES, run_worker
+from .worker import main as worker_main
 
 signal_queue_cli = AppGroup("signal-queue", help="Run and inspect deferred signal receivers.")
 
 
-@signal_queue_cli.command("worker")
-@click.argument("queues", nargs=-1)
-@click.option("--url", help="Redis URL (default: SIGNAL_QUEUE_REDIS_URL).")
-@click.option("--burst", is_flag=True, help="Quit when the queues are empty.")
-@click.option("--worker-class", type=click.Choice(sorted(WORKER_CLASSES)), default="simple", show_default=True)
-@click.option("--name", help="Worker name shown by rq info.")
-@click.option("--max-jobs", type=int, help="Quit after this many jobs.")
-@click.option("--logging-level", default="INFO", show_default=True)
-@click.option("--no-scheduler", is_flag=True, help="Do not run RQ's scheduler (retry delays).")
-def worker_command(
-    queues: tuple[str, ...],
-    url: str | None,
-    burst: bool,
-    worker_class: str,
-    name: str | None,
-    max_jobs: int | None,
-    logging_level: str,
-    no_scheduler: bool,
-) -> None:
-    """Run an RQ worker for this app's @deferred receivers (same as python worker.py)."""
-    run_worker(
-        current_app._get_current_object(),  # type: ignore[attr-defined]
-        queues,
-        burst=burst,
-        url=url,
-        worker_class=worker_class,
-        name=name,
-        logging_level=logging_level,
-        max_jobs=max_jobs,
-        with_scheduler=not no_scheduler,
-    )
+@signal_queue_cli.command(
+    "worker",
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def worker_command(args: tuple[str, ...]) -> None:
+    """Run an RQ worker for this app's @deferred receivers; same options as python worker.py (--help)."""
+    raise SystemExit(worker_main(list(args), app=current_app._get_current_object()))  # type: ignore[attr-defined]
 
 
 @signal_queue_cli.command("receivers")

@@ -129,13 +129,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python worker.py``."""
+def main(argv: Sequence[str] | None = None, app: Flask | None = None) -> int:
+    """Entry point of ``python worker.py`` and, with the app already loaded, ``flask signal-queue worker``."""
     args = parse_args(argv)
     try:
-        app = load_app(args.app)
         run_worker(
-            app,
+            app or load_app(args.app),
             args.queues,
             burst=args.burst,
             url=args.url,
@@ -146,6 +145,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             with_scheduler=not args.no_scheduler,
         )
     except (ConfigurationError, NoAppException) as exc:
-        print(f"worker.py: {exc}", file=sys.stderr)
+        print(f"worker: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,7 @@ from typing import Any
 
 from blinker import Namespace
 from flask import Flask
+from rq import Retry
 
 from signal_queue import SignalQueue, deferred
 from tests.recording import record
@@ -40,3 +41,25 @@ def on_misc(sender: Any, value: Any) -> None:
 @misc.connect
 def inline_receiver(sender: Any, **kwargs: Any) -> None:
     inline_calls.append(kwargs)
+
+
+flaky = Namespace().signal("flaky")
+slow = Namespace().signal("slow")
+
+
+@deferred(flaky, retry=Retry(max=2, interval=0))
+def on_flaky(sender: Any, fail_times: int) -> None:
+    """Fails on its first ``fail_times`` attempts, then records the attempt that succeeded."""
+    from signal_queue import current_event
+
+    record("flaky-attempt", sender, attempt=current_event.attempt)
+    if current_event.attempt <= fail_times:
+        raise RuntimeError(f"attempt {current_event.attempt} fails on purpose")
+
+
+@deferred(slow, timeout=1)
+def on_slow(sender: Any, seconds: float) -> None:
+    import time
+
+    time.sleep(seconds)
+    record("slow-done", sender)

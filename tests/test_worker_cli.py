@@ -56,7 +56,7 @@ def test_worker_without_an_app_says_how_to_give_one(redis_url: str) -> None:
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2
-    assert "pass --app module:app, or set SIGNAL_QUEUE_APP or FLASK_APP" in out.stderr
+    assert "worker: no app to load: pass --app module:app, or set SIGNAL_QUEUE_APP or FLASK_APP" in out.stderr
 
 
 def test_rq_info_shows_the_queue_and_the_running_worker(conn: redis.Redis, redis_url: str) -> None:
@@ -107,3 +107,23 @@ def test_run_worker_helper_reports_failures(redis_url: str) -> None:
         assert "worker exited 2" in str(exc)
     else:
         raise AssertionError("a worker for a missing app should fail")
+
+
+def test_flask_cli_worker_takes_worker_py_options() -> None:
+    """`flask signal-queue worker --help` shows worker.py's options: one parser serves both."""
+    out = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests.misc_app:create_app()", "signal-queue", "worker", "--help"],
+        cwd=ROOT, env=env_for("redis://127.0.0.1:1/0"), capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "--burst" in out.stdout and "--worker-class" in out.stdout
+
+
+def test_flask_cli_lists_receivers() -> None:
+    """`flask signal-queue receivers` prints each receiver with its signal and queue."""
+    out = subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests.misc_app:create_app()", "signal-queue", "receivers"],
+        cwd=ROOT, env=env_for("redis://127.0.0.1:1/0"), capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"^misc\s+tests\.misc_app:on_misc\s+queue=signals$", out.stdout, re.M), out.stdout

@@ -1,0 +1,47 @@
+"""Per-receiver retries count attempts; timeouts end a stuck handler as a failed attempt."""
+
+from __future__ import annotations
+
+import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from tests.conftest import run_worker
+from tests.misc_app import create_app, flaky, slow
+from tests.recording import records
+
+APP = "tests.misc_app:create_app()"
+
+
+def test_failing_handler_is_retried_and_sees_its_attempt(conn: redis.Redis, redis_url: str) -> None:
+    """retry=Retry(max=2): fails twice, succeeds on attempt 3; current_event.attempt says so."""
+    with create_app().app_context():
+        flaky.send("t", fail_times=2)
+    run_worker(APP, redis_url)
+    assert [r["kwargs"]["attempt"] for r in records(conn)] == [1, 2, 3]
+    assert conn.zcard("rq:failed:signals") == 0
+
+
+def test_handler_failing_every_attempt_ends_in_the_failed_registry(conn: redis.Redis, redis_url: str) -> None:
+    """After the last retry the job is in RQ's failed registry with the handler's exception."""
+    with create_app().app_context():
+        flaky.send("t", fail_times=99)
+    run_worker(APP, redis_url)
+    assert [r["kwargs"]["attempt"] for r in records(conn)] == [1, 2, 3]
+    [job_id] = conn.zrange("rq:failed:signals", 0, -1)
+    job = Job.fetch(job_id.decode(), connection=conn, serializer=JSONSerializer)
+    result = job.latest_result()
+    assert result is not None and result.exc_string
+    assert "RuntimeError: attempt 3 fails on purpose" in result.exc_string
+
+
+def test_timeout_stops_a_stuck_handler(conn: redis.Redis, redis_url: str) -> None:
+    """@deferred(timeout=1) ends a handler that takes 30 s; the attempt fails with JobTimeoutException."""
+    with create_app().app_context():
+        slow.send("t", seconds=30)
+    out = run_worker(APP, redis_url, timeout=25)
+    assert records(conn) == []
+    [job_id] = conn.zrange("rq:failed:signals", 0, -1)
+    result = Job.fetch(job_id.decode(), connection=conn, serializer=JSONSerializer).latest_result()
+    assert result is not None and "JobTimeoutException" in result.exc_string
+    assert "Job OK" not in out.stderr
