@@ -122,8 +122,9 @@ def main() -> int:
         conn = redis.Redis.from_url(url)
         queue = Queue("signals", connection=conn, serializer=JSONSerializer)
         say(
-            f"queue 'signals': {queue.count} waiting, {queue.finished_job_registry.count} finished, "
-            f"{queue.failed_job_registry.count} failed; workers: {len(Worker.all(connection=conn))}"
+            f"queue 'signals': {queue.count} jobs waiting, {queue.finished_job_registry.count} finished, "
+            f"{queue.failed_job_registry.count} failed (a job carries a batch of events); "
+            f"workers: {len(Worker.all(connection=conn))}"
         )
         return 0
     finally:

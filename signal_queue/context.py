@@ -20,12 +20,17 @@ from typing import Any
 from flask import Flask, Request, g, has_app_context, has_request_context
 from flask import request as request_proxy
 
-from .event import Event, RequestSnapshot
+from .event import Event
 from .serialization import Codec, Unserializable
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _REQUEST_ID_KEY = "signal_queue.request_id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
+
+try:
+    from flask_login import current_user as _login_current_user
+except ImportError:  # Flask-Login is optional
+    _login_current_user = None
 
 #: True while the worker pushes or pops the contexts it builds itself: the
 #: signals Flask sends then (appcontext_pushed and friends) are not user
@@ -61,22 +66,16 @@ def request_id(req: Request) -> str:
     return str(rid)
 
 
-def current_user_id() -> str | None:
+def current_user_id(app: Flask) -> str | None:
     """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None."""
     user = g.get("current_user")
     if user is not None:
         return _user_id(user)
-    try:
-        from flask_login import current_user
-    except ImportError:
+    if _login_current_user is None or getattr(app, "login_manager", None) is None:
         return None
-    from flask import current_app
-
-    if getattr(current_app, "login_manager", None) is None:
+    if not getattr(_login_current_user, "is_authenticated", False):
         return None
-    if not getattr(current_user, "is_authenticated", False):
-        return None
-    user_id = current_user.get_id()
+    user_id = _login_current_user.get_id()
     return None if user_id is None else str(user_id)
 
 
@@ -106,33 +105,71 @@ def capture_g(codec: Codec) -> dict[str, Any]:
     return captured
 
 
-def capture_request(codec: Codec, trusted_hops: int) -> RequestSnapshot | None:
-    """Snapshot the active request, or None outside a request."""
+#: WSGI keys a snapshot needs besides the HTTP_ headers.
+_ENVIRON_KEYS = frozenset(
+    {
+        "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE", "CONTENT_LENGTH",
+        "REMOTE_ADDR", "SERVER_NAME", "SERVER_PORT", "wsgi.url_scheme",
+    }
+)
+_RAW_KEY = "signal_queue.raw_request"
+
+
+class RawRequest:
+    """What the request thread copies of a request: cheap to take, turned into a snapshot later.
+
+    Taken once per request (cached in the environ) and shared by its events;
+    :meth:`snapshot` does the costly formatting off the request thread.
+    """
+
+    __slots__ = ("_snapshot", "endpoint", "environ", "request_id", "trusted_hops", "view_args")
+
+    def __init__(self, req: Request, codec: Codec, trusted_hops: int) -> None:
+        self.environ = {k: v for k, v in req.environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
+        self.endpoint = req.endpoint
+        self.view_args: dict[str, Any] = {}
+        for key, value in (req.view_args or {}).items():
+            try:
+                self.view_args[key] = codec.encode(value, f"view_args.{key}")
+            except Unserializable:
+                self.view_args[key] = str(value)
+        self.request_id = request_id(req)
+        self.trusted_hops = trusted_hops
+        self._snapshot: dict[str, Any] | None = None
+
+    def snapshot(self, codec: Codec, user: str | None) -> dict[str, Any]:
+        """The JSON form of :class:`~signal_queue.event.RequestSnapshot` (cached but for the user)."""
+        if self._snapshot is None:
+            req = Request(self.environ, populate_request=False, shallow=True)
+            self._snapshot = {
+                "method": req.method,
+                "scheme": req.scheme,
+                "host": req.host,
+                "root_path": req.root_path,
+                "path": req.path,
+                "query_string": req.query_string.decode("latin-1"),
+                "url": req.url,
+                "endpoint": self.endpoint,
+                "view_args": self.view_args,
+                "headers": codec.headers(req.headers.items()),
+                "remote_addr": req.remote_addr,
+                "client_ip": client_ip(req.remote_addr, req.headers.get("X-Forwarded-For"), self.trusted_hops),
+                "request_id": self.request_id,
+            }
+        if user is None:
+            return dict(self._snapshot, user=None)
+        return dict(self._snapshot, user=user)
+
+
+def capture_request(codec: Codec, trusted_hops: int) -> RawRequest | None:
+    """The active request's :class:`RawRequest` (taken on its first event), or None outside a request."""
     if not has_request_context():
         return None
     req: Request = request_proxy._get_current_object()  # type: ignore[attr-defined]
-    view_args: dict[str, Any] = {}
-    for key, value in (req.view_args or {}).items():
-        try:
-            view_args[key] = codec.encode(value, f"view_args.{key}")
-        except Unserializable:
-            view_args[key] = str(value)
-    return RequestSnapshot(
-        method=req.method,
-        scheme=req.scheme,
-        host=req.host,
-        root_path=req.root_path,
-        path=req.path,
-        query_string=req.query_string.decode("latin-1"),
-        url=req.url,
-        endpoint=req.endpoint,
-        view_args=view_args,
-        headers=[(h[0], h[1]) for h in codec.headers(req.headers.items())],
-        remote_addr=req.remote_addr,
-        client_ip=client_ip(req.remote_addr, req.headers.get("X-Forwarded-For"), trusted_hops),
-        request_id=request_id(req),
-        user=current_user_id(),
-    )
+    raw: RawRequest | None = req.environ.get(_RAW_KEY)
+    if raw is None:
+        raw = req.environ[_RAW_KEY] = RawRequest(req, codec, trusted_hops)
+    return raw
 
 
 @contextmanager

@@ -91,6 +91,7 @@ def deferred(
     queue: str | None = None,
     retry: int | Retry | None = None,
     timeout: int | None = None,
+    discard_if_failed: bool = False,
 ) -> Callable[[F], F]:
     """Run the decorated receiver of ``signal`` in an RQ worker instead of inline.
 
@@ -100,6 +101,8 @@ def deferred(
         default ``SIGNAL_QUEUE_RETRY``.
     :param timeout: seconds before a running handler is stopped and the attempt fails;
         default ``SIGNAL_QUEUE_JOB_TIMEOUT``.
+    :param discard_if_failed: hold this receiver's events until the request ends and drop
+        them if it failed (5xx or an unhandled exception), as a transaction's on-commit hook would.
     """
     name_of_signal = signal_name(signal)
     retry_policy = make_retry(retry)
@@ -140,6 +143,7 @@ def deferred(
             queue=queue,
             retry=retry_policy,
             timeout=timeout,
+            discard_if_failed=discard_if_failed,
             forwarder=forwarder,
         )
         holder.append(entry)

@@ -1,26 +1,48 @@
 """The forwarding receiver's body: capture an event and hand it off.
 
-Runs on the request thread, inside ``signal.send``. A programmer's mistake
-(an app without the extension, a kwarg that cannot be JSON) raises here, where
-it is seen; an operational failure (Redis down) never does.
+Runs on the request thread, inside ``signal.send``, so it does only what must
+happen at emit time: validate and encode the kwargs (a value that cannot reach
+the worker raises here, where the programmer sees it), copy the request once
+per request, and put a :class:`~signal_queue.event.PendingEvent` in the app's
+outbox. Formatting, JSON and Redis happen later (see :mod:`signal_queue.outbox`).
+An operational failure (Redis down) never raises here.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import uuid
+import itertools
+import os
+import time
 from typing import TYPE_CHECKING, Any
 
 from flask import Flask, current_app, has_app_context
 
-from .context import capture_g, capture_request, rebuilding
-from .event import Event
+from .context import capture_g, capture_request, current_user_id, rebuilding
+from .event import PendingEvent
 from .exceptions import ConfigurationError, PayloadError
 from .serialization import Unserializable
 
 if TYPE_CHECKING:
     from .extension import SignalQueueState
     from .registry import DeferredReceiver
+
+# Event ids: a random per-process prefix and a counter. Unique per emit and
+# receiver, and far cheaper on the request thread than uuid4().
+_id_prefix = os.urandom(8).hex()
+_id_counter = itertools.count()
+
+
+def _reset_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reset_ids)
+
+
+def new_event_id() -> str:
+    return f"{_id_prefix}{next(_id_counter):08x}"
 
 
 def app_for(sender: Any, receiver: DeferredReceiver) -> Flask:
@@ -47,8 +69,10 @@ def state_for(app: Flask) -> SignalQueueState:
     return state  # type: ignore[no-any-return]
 
 
-def build_event(state: SignalQueueState, receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> Event:
-    """Capture everything the handler will need, encoded as JSON-ready data."""
+def build_event(
+    app: Flask, state: SignalQueueState, receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]
+) -> PendingEvent:
+    """Validate and encode what the handler will need; raise :class:`PayloadError` for a bad kwarg."""
     codec = state.codec
     try:
         encoded = {key: codec.encode(value, key) for key, value in kwargs.items()}
@@ -61,26 +85,27 @@ def build_event(state: SignalQueueState, receiver: DeferredReceiver, sender: Any
             receiver=receiver.name,
             key=exc.key,
         ) from None
-    return Event(
-        id=uuid.uuid4().hex,
-        signal=receiver.signal_name,
-        receiver=receiver.name,
-        emitted_at=dt.datetime.now(dt.timezone.utc),
-        sender=codec.encode_sender(sender),
-        kwargs=encoded,
-        request=capture_request(codec, state.trusted_proxies),
-        g=capture_g(codec),
+    raw = capture_request(codec, state.trusted_proxies)
+    return PendingEvent(
+        receiver,
+        new_event_id(),
+        time.time(),
+        codec.encode_sender(sender),
+        encoded,
+        raw,
+        capture_g(codec),
+        current_user_id(app) if raw is not None else None,
     )
 
 
 def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> None:
-    """Forward one emit of ``receiver``'s signal to its queue (or run it, in eager mode)."""
+    """Forward one emit of ``receiver``'s signal to its app's outbox (or run it, in eager mode)."""
     if rebuilding.get():
         return
     app = app_for(sender, receiver)
     state = state_for(app)
-    event = build_event(state, receiver, sender, kwargs)
+    event = build_event(app, state, receiver, sender, kwargs)
     if state.eager:
         state.run_eagerly(app, event)
     else:
-        state.dispatcher.deliver(receiver, event)
+        state.outbox.put(event)

@@ -11,11 +11,16 @@ from __future__ import annotations
 import datetime as dt
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from werkzeug.local import LocalProxy
 
 from .exceptions import MalformedEvent
+
+if TYPE_CHECKING:
+    from .context import RawRequest
+    from .registry import DeferredReceiver
+    from .serialization import Codec
 
 #: Version of the payload format; a worker refuses versions it does not know.
 FORMAT_VERSION = 1
@@ -152,6 +157,51 @@ class Event:
             request=request,
             g=d.get("g", dict),
         )
+
+
+class PendingEvent:
+    """An event as the request thread leaves it: validated and encoded, not yet formatted.
+
+    The costly parts (ISO time, request snapshot, JSON) are done by
+    :meth:`to_dict`, off the request thread in the background delivery mode.
+    """
+
+    __slots__ = ("emitted", "g", "id", "kwargs", "raw_request", "receiver", "sender", "user")
+
+    def __init__(
+        self,
+        receiver: DeferredReceiver,
+        event_id: str,
+        emitted: float,
+        sender: Any,
+        kwargs: dict[str, Any],
+        raw_request: RawRequest | None,
+        g: dict[str, Any],
+        user: str | None,
+    ) -> None:
+        self.receiver = receiver
+        self.id = event_id
+        self.emitted = emitted
+        self.sender = sender
+        self.kwargs = kwargs
+        self.raw_request = raw_request
+        self.g = g
+        self.user = user
+
+    def to_dict(self, codec: Codec) -> dict[str, Any]:
+        """The JSON form a worker reads with :meth:`Event.from_dict`."""
+        raw = self.raw_request
+        return {
+            "v": FORMAT_VERSION,
+            "id": self.id,
+            "signal": self.receiver.signal_name,
+            "receiver": self.receiver.name,
+            "emitted_at": dt.datetime.fromtimestamp(self.emitted, dt.timezone.utc).isoformat(),
+            "sender": self.sender,
+            "kwargs": self.kwargs,
+            "request": None if raw is None else raw.snapshot(codec, self.user),
+            "g": self.g,
+        }
 
 
 class _Fields:

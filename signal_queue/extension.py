@@ -12,8 +12,9 @@ from flask import Flask
 
 from .decorators import make_retry
 from .enqueue import Dispatcher
-from .event import Event
+from .event import PendingEvent
 from .exceptions import ConfigurationError
+from .outbox import DELIVERY_MODES, Outbox, install_request_hooks
 from .serialization import Codec
 
 #: Request and response headers whose values never leave the process.
@@ -44,6 +45,10 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_SOCKET_TIMEOUT": 2.0,
     "SIGNAL_QUEUE_IMPORTS": (),
     "SIGNAL_QUEUE_MAX_RESPONSE_BODY": 64 * 1024,
+    "SIGNAL_QUEUE_DELIVERY": "background",
+    "SIGNAL_QUEUE_BATCH_SIZE": 100,
+    "SIGNAL_QUEUE_LINGER": 0.01,
+    "SIGNAL_QUEUE_MAX_PENDING": 100_000,
 }
 
 
@@ -70,16 +75,26 @@ class SignalQueueState:
         except ValueError as exc:
             raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL {self.redis_url!r} is not valid: {exc}") from None
         try:
-            retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
+            self.default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
         except ConfigurationError as exc:
             raise ConfigurationError(f"SIGNAL_QUEUE_RETRY: {exc}") from None
         self.dispatcher = Dispatcher(
             connection,
+            self.codec,
             self.queue_name,
-            default_retry=retry,
             default_timeout=_int(config, "SIGNAL_QUEUE_JOB_TIMEOUT", minimum=1),
             result_ttl=_int(config, "SIGNAL_QUEUE_RESULT_TTL", minimum=-1),
             failure_ttl=_int(config, "SIGNAL_QUEUE_FAILURE_TTL", minimum=1),
+            batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
+        )
+        mode = config["SIGNAL_QUEUE_DELIVERY"]
+        if mode not in DELIVERY_MODES:
+            raise ConfigurationError(f"SIGNAL_QUEUE_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, got {mode!r}")
+        linger = config["SIGNAL_QUEUE_LINGER"]
+        if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger <= 10:
+            raise ConfigurationError(f"SIGNAL_QUEUE_LINGER must be seconds from 0 to 10, got {linger!r}")
+        self.outbox = Outbox(
+            self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
         )
         self._app_name = app.name
 
@@ -98,11 +113,11 @@ class SignalQueueState:
 
         return [self.queue_name, *sorted(receivers.queues() - {self.queue_name})]
 
-    def run_eagerly(self, app: Flask, event: Event) -> None:
+    def run_eagerly(self, app: Flask, event: PendingEvent) -> None:
         """Eager mode: run the handler now, after the same JSON round trip a worker sees."""
         from .jobs import execute_event
 
-        payload = json.loads(json.dumps(event.to_dict()))
+        payload = json.loads(json.dumps(event.to_dict(self.codec)))
         execute_event(app, payload)
 
 
@@ -123,6 +138,10 @@ class SignalQueue:
     - ``SIGNAL_QUEUE_SOCKET_TIMEOUT``: Redis connect and read timeout, seconds.
     - ``SIGNAL_QUEUE_IMPORTS``: modules the worker imports for their receivers.
     - ``SIGNAL_QUEUE_MAX_RESPONSE_BODY``: largest response body carried to the worker.
+    - ``SIGNAL_QUEUE_DELIVERY``: ``background``, ``after_response`` or ``immediate``.
+    - ``SIGNAL_QUEUE_BATCH_SIZE``: most events in one RQ job.
+    - ``SIGNAL_QUEUE_LINGER``: seconds the background sender lets a batch gather.
+    - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
     """
 
     def __init__(self, app: Flask | None = None) -> None:
@@ -136,7 +155,8 @@ class SignalQueue:
             )
         for key, default in DEFAULTS.items():
             app.config.setdefault(key, _from_env(key, default))
-        app.extensions["signal_queue"] = SignalQueueState(app)
+        state = app.extensions["signal_queue"] = SignalQueueState(app)
+        install_request_hooks(app, state.outbox)
 
         from .cli import signal_queue_cli
 

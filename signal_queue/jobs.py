@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import inspect
+import logging
+import signal
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
+from rq import Queue, Retry
 from rq.exceptions import DeserializationError
-from rq.job import Job, get_current_job
+from rq.job import Job, JobStatus, get_current_job
+from rq.results import Result
+from rq.serializers import JSONSerializer
+from rq.timeouts import JobTimeoutException
+from rq.utils import now
 
 from .context import rebuilt_context
 from .event import Event, _current_event
 from .exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch, UnknownReceiver
 from .registry import receivers
 
-#: The job function name every signal_queue job carries.
+if TYPE_CHECKING:
+    from .registry import DeferredReceiver
+
+logger = logging.getLogger("signal_queue")
+
+#: The job functions a signal_queue worker runs: one event, or a batch of events.
 RUN_EVENT = "signal_queue.jobs.run_event"
+RUN_EVENTS = "signal_queue.jobs.run_events"
+_ALLOWED = {RUN_EVENT: "run_event", RUN_EVENTS: "run_events"}
 _ATTEMPT_FIELD = "sq_attempts"
 
 _worker_app: Flask | None = None
@@ -45,12 +63,12 @@ class SignalJob(Job):
     @property
     def func(self) -> Callable[..., Any]:
         name = self.func_name
-        if name != RUN_EVENT or self.instance is not None:
+        if name not in _ALLOWED or self.instance is not None:
             raise UnknownReceiver(
                 f"job {self.id} names function {name!r}; a signal_queue worker runs only "
-                f"{RUN_EVENT} jobs for registered @deferred receivers"
+                f"{RUN_EVENT} and {RUN_EVENTS} jobs for registered @deferred receivers"
             )
-        return run_event
+        return globals()[_ALLOWED[name]]  # type: ignore[no-any-return]
 
     # Callbacks are named in Redis too; this worker never resolves them.
     @property
@@ -92,24 +110,82 @@ class SignalJob(Job):
         return self._sq_attempts + 1
 
 
-def run_event(payload: Any) -> None:
-    """The RQ job function: run one event in the worker's app."""
+def _worker_app_or_fail() -> Flask:
     if _worker_app is None:
         raise EventRejected(
             "this process has no Flask app bound; start workers with `python worker.py --app ...` "
             "or `flask signal-queue worker`"
         )
+    return _worker_app
+
+
+def run_event(payload: Any) -> None:
+    """Job function for one event (a retry, or a requeued failure): RQ's retries apply to it."""
     job = get_current_job()
     attempt = job.attempt if isinstance(job, SignalJob) else 1
-    execute_event(_worker_app, payload, attempt)
+    app = _worker_app_or_fail()
+    try:
+        execute_event(app, payload, attempt)
+    finally:
+        _send_emitted(app)
+
+
+def run_events(payloads: Any) -> None:
+    """Job function for a batch: run each event once, in order; spin failures off as their own jobs.
+
+    Each finished event is marked in ``sq:done:<job id>`` (in pipelines, every
+    few events), so a rerun of the batch after a crashed worker skips what was
+    done; an event that fails becomes a single-event job that RQ retries with
+    the receiver's ``Retry`` or records in the failed registry, so it never
+    makes the rest of the batch run again.
+    """
+    app = _worker_app_or_fail()
+    job = get_current_job()
+    if job is None:
+        raise EventRejected("run_events runs only as an RQ job")
+    if not isinstance(payloads, list):
+        raise MalformedEvent(f"a batch job's argument must be a list of events, got {type(payloads).__name__}")
+    attempt = job.attempt if isinstance(job, SignalJob) else 1
+    marks = _DoneMarks(job, attempt)
+    for index, payload in enumerate(payloads):
+        if index in marks.done:
+            continue
+        receiver = None
+        try:
+            event, receiver = resolve_event(payload, attempt)
+            with event_timeout(receiver.timeout or state_timeout(app)):
+                run_resolved(app, event, receiver)
+        except EventRejected as exc:  # retrying cannot help: straight to the failed registry
+            record_failed_event(app, job, payload, receiver, attempt, _exc_text(exc), retryable=False)
+        except Exception as exc:
+            record_failed_event(app, job, payload, receiver, attempt, _exc_text(exc), retryable=True)
+        marks.add(index)
+    _send_emitted(app)
+    marks.flush()
+
+
+def _send_emitted(app: Flask) -> None:
+    """Events the handlers sent reach Redis before their job counts as done."""
+    from .emit import state_for
+
+    state_for(app).outbox.flush()
 
 
 def execute_event(app: Flask, payload: Any, attempt: int = 1) -> None:
     """Validate ``payload``, rebuild the emit's contexts and call the registered receiver."""
+    event, receiver = resolve_event(payload, attempt)
+    run_resolved(app, event, receiver)
+
+
+def resolve_event(payload: Any, attempt: int) -> tuple[Event, DeferredReceiver]:
+    """The event in ``payload`` and its registered receiver, or :class:`EventRejected`."""
+    event = Event.from_dict(payload).with_attempt(attempt)
+    return event, receivers.get(event.receiver, event.signal)
+
+
+def run_resolved(app: Flask, event: Event, receiver: DeferredReceiver) -> None:
     from .emit import state_for
 
-    event = Event.from_dict(payload).with_attempt(attempt)
-    receiver = receivers.get(event.receiver, event.signal)
     codec = state_for(app).codec
     with rebuilt_context(app, event, codec):
         try:
@@ -155,3 +231,129 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     if "error" in outcome:
         raise outcome["error"]
     return outcome.get("value")
+
+
+def state_timeout(app: Flask) -> int:
+    from .emit import state_for
+
+    return state_for(app).dispatcher.default_timeout
+
+
+def _exc_text(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+@contextmanager
+def event_timeout(seconds: int) -> Iterator[None]:
+    """End one event's handler after ``seconds`` with :class:`JobTimeoutException`.
+
+    Nests inside RQ's own alarm for the batch job: the outer timer is paused
+    and given back, less the time spent, afterwards. Works in the main thread
+    only (where RQ's SimpleWorker runs jobs); elsewhere (eager mode) it is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum: int, frame: Any) -> None:
+        raise JobTimeoutException(f"Task exceeded maximum timeout value ({seconds} seconds)")
+
+    started = time.monotonic()
+    outer_handler = signal.signal(signal.SIGALRM, expire)
+    outer_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, outer_handler)
+        if outer_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001))
+
+
+class _DoneMarks:
+    """Which events of a batch job have finished, kept in Redis so a rerun skips them."""
+
+    FLUSH_EVERY = 20
+    TTL = 7 * 24 * 3600
+
+    def __init__(self, job: Job | None, attempt: int) -> None:
+        self.job = job
+        self.key = f"sq:done:{job.id}" if job is not None else None
+        self.done: set[int] = set()
+        self._unsaved: list[int] = []
+        if job is not None and self.key is not None and attempt > 1:
+            self.done = {int(i) for i in job.connection.smembers(self.key)}
+
+    def add(self, index: int) -> None:
+        self._unsaved.append(index)
+        if len(self._unsaved) >= self.FLUSH_EVERY:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._unsaved or self.job is None or self.key is None:
+            return
+        with self.job.connection.pipeline(transaction=False) as pipe:
+            pipe.sadd(self.key, *self._unsaved)
+            pipe.expire(self.key, self.TTL)
+            pipe.execute()
+        self._unsaved.clear()
+
+
+def record_failed_event(
+    app: Flask,
+    job: Job,
+    payload: Any,
+    receiver: DeferredReceiver | None,
+    attempt: int,
+    exc_string: str,
+    *,
+    retryable: bool,
+) -> None:
+    """Give one failed event of a batch to RQ as its own job (id = event id).
+
+    With retries left (the receiver's ``Retry``, else ``SIGNAL_QUEUE_RETRY``) it
+    is enqueued, or scheduled after the backoff interval, and RQ retries it from
+    there; otherwise, or if the worker rejected it, it goes to RQ's failed
+    registry with the error, where ``rq requeue`` or our ``requeue`` find it.
+    """
+    from .emit import state_for
+
+    state = state_for(app)
+    retry = (receiver.retry or state.default_retry) if retryable and receiver is not None else None
+    event_id = payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None
+    queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer, job_class=SignalJob)
+    retries_left = 0 if retry is None else retry.max - (attempt - 1)
+    next_retry = None
+    if retries_left > 1:
+        next_retry = Retry(max=retries_left - 1, interval=list(retry.intervals[attempt:]) or 0)  # type: ignore[union-attr]
+    new = queue.create_job(
+        RUN_EVENT,
+        args=(payload,),
+        job_id=event_id,
+        timeout=(receiver.timeout if receiver else None) or state.dispatcher.default_timeout,
+        result_ttl=state.dispatcher.result_ttl,
+        failure_ttl=state.dispatcher.failure_ttl,
+        retry=next_retry,
+        description=job.description if receiver is None else f"{receiver.signal_name} -> {receiver.name}",
+        status=JobStatus.QUEUED if retries_left > 0 else JobStatus.FAILED,
+    )
+    with job.connection.pipeline() as pipe:
+        if retries_left > 0:
+            assert retry is not None
+            interval = Retry.get_interval(attempt - 1, retry.intervals)
+            if interval > 0:
+                queue.schedule_job(new, now() + dt.timedelta(seconds=interval), pipeline=pipe)
+            else:
+                queue.enqueue_job(new, pipeline=pipe)
+        else:
+            queue.failed_job_registry.add(new, ttl=state.dispatcher.failure_ttl, exc_string=exc_string, pipeline=pipe)
+            Result.create_failure(new, state.dispatcher.failure_ttl, exc_string, pipeline=pipe)
+        pipe.hset(new.key, _ATTEMPT_FIELD, attempt)
+        pipe.execute()
+    logger.warning(
+        "signal_queue: event %s (%s) failed on attempt %d; %s",
+        event_id,
+        receiver.name if receiver else "rejected",
+        attempt,
+        "retrying" if retries_left > 0 else "recorded in the failed registry",
+    )

@@ -29,6 +29,7 @@ class DeferredReceiver:
     queue: str | None
     retry: Retry | None
     timeout: int | None
+    discard_if_failed: bool
     forwarder: Callable[..., Any]
 
 

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 import redis
+from flask import Flask
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
+from signal_queue.jobs import RUN_EVENTS
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +43,20 @@ def redis_url(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> str
 @pytest.fixture
 def conn(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
+
+
+def drain(app: Flask) -> None:
+    """Wait until every event the app has emitted so far is in Redis."""
+    app.extensions["signal_queue"].outbox.flush()
+
+
+def queued_events(conn: redis.Redis, name: str = "signals") -> int:
+    """Events waiting in queue ``name`` (a batch job counts its events)."""
+    total = 0
+    for job_id in conn.lrange(f"rq:queue:{name}", 0, -1):
+        job = Job.fetch(job_id.decode(), connection=conn, serializer=JSONSerializer)
+        total += len(job.args[0]) if job.func_name == RUN_EVENTS else 1
+    return total
 
 
 def run_worker(

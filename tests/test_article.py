@@ -10,7 +10,7 @@ from pathlib import Path
 
 import redis
 
-from tests.conftest import ROOT, run_worker
+from tests.conftest import ROOT, queued_events, run_worker
 
 DEFERRED = ROOT / "examples" / "article"
 INLINE = ROOT / "tests" / "inline_article"
@@ -43,7 +43,7 @@ def test_article_examples_write_the_inline_lines_from_the_worker(tmp_path: Path,
 
     assert drive(DEFERRED, app_dir, redis_url) == [200, 200, 200, 500]
     assert sorted(p.name for p in app_dir.iterdir()) == [], "the request process wrote a log"
-    assert redis.Redis.from_url(redis_url).llen("rq:queue:signals") == 4
+    assert queued_events(redis.Redis.from_url(redis_url)) == 4
 
     run_worker("application:app", redis_url, cwd=worker_dir, pythonpath=(DEFERRED,))
 

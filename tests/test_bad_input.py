@@ -23,7 +23,7 @@ from signal_queue import (
     deferred,
 )
 from signal_queue.jobs import RUN_EVENT
-from tests.conftest import run_worker
+from tests.conftest import drain, run_worker
 from tests.misc_app import create_app, inline_calls, misc, on_misc
 from tests.recording import records
 from tests.redis_server import free_port
@@ -49,8 +49,9 @@ def valid_payload(app: Flask, value: str = "ok") -> dict[str, Any]:
         from signal_queue.registry import receivers
 
         entry = receivers.get("tests.misc_app:on_misc", "misc")
-        event = build_event(state_for(app), entry, "crafted", {"value": value})
-    return json.loads(json.dumps(event.to_dict()))  # type: ignore[no-any-return]
+        state = state_for(app)
+        event = build_event(app, state, entry, "crafted", {"value": value})
+    return json.loads(json.dumps(event.to_dict(state.codec)))  # type: ignore[no-any-return]
 
 
 def craft(conn: redis.Redis, func: str, payload: Any, **kwargs: Any) -> Job:
@@ -119,9 +120,10 @@ def test_redis_down_at_emit_does_not_fail_the_request(caplog: pytest.LogCaptureF
     inline_calls.clear()
     with caplog.at_level(logging.ERROR, logger="signal_queue"):
         response = app.test_client().get("/emit/down")
+        drain(app)
     assert response.status_code == 200
     assert inline_calls == [{"value": "down"}]
-    assert "was not delivered: ConnectionError" in caplog.text
+    assert "1 event(s) were not delivered: ConnectionError" in caplog.text
     assert "tests.misc_app:on_misc" in caplog.text
     assert app.extensions["signal_queue"].dispatcher.counters["delivery_failed"] == 1
 

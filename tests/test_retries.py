@@ -6,7 +6,7 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from tests.conftest import run_worker
+from tests.conftest import drain, run_worker
 from tests.misc_app import create_app, flaky, slow
 from tests.recording import records
 
@@ -15,8 +15,10 @@ APP = "tests.misc_app:create_app()"
 
 def test_failing_handler_is_retried_and_sees_its_attempt(conn: redis.Redis, redis_url: str) -> None:
     """retry=Retry(max=2): fails twice, succeeds on attempt 3; current_event.attempt says so."""
-    with create_app().app_context():
+    app = create_app()
+    with app.app_context():
         flaky.send("t", fail_times=2)
+    drain(app)
     run_worker(APP, redis_url)
     assert [r["kwargs"]["attempt"] for r in records(conn)] == [1, 2, 3]
     assert conn.zcard("rq:failed:signals") == 0
@@ -24,8 +26,10 @@ def test_failing_handler_is_retried_and_sees_its_attempt(conn: redis.Redis, redi
 
 def test_handler_failing_every_attempt_ends_in_the_failed_registry(conn: redis.Redis, redis_url: str) -> None:
     """After the last retry the job is in RQ's failed registry with the handler's exception."""
-    with create_app().app_context():
+    app = create_app()
+    with app.app_context():
         flaky.send("t", fail_times=99)
+    drain(app)
     run_worker(APP, redis_url)
     assert [r["kwargs"]["attempt"] for r in records(conn)] == [1, 2, 3]
     [job_id] = conn.zrange("rq:failed:signals", 0, -1)
@@ -37,8 +41,10 @@ def test_handler_failing_every_attempt_ends_in_the_failed_registry(conn: redis.R
 
 def test_timeout_stops_a_stuck_handler(conn: redis.Redis, redis_url: str) -> None:
     """@deferred(timeout=1) ends a handler that takes 30 s; the attempt fails with JobTimeoutException."""
-    with create_app().app_context():
+    app = create_app()
+    with app.app_context():
         slow.send("t", seconds=30)
+    drain(app)
     out = run_worker(APP, redis_url, timeout=25)
     assert records(conn) == []
     [job_id] = conn.zrange("rq:failed:signals", 0, -1)

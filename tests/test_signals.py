@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from tests.conftest import run_worker
+from tests.conftest import drain, queued_events, run_worker
 from tests.recording import describe, records
 from tests.signal_app import AppError, app, order_kwargs
 
@@ -32,8 +32,9 @@ def test_builtin_signals_run_in_the_worker_not_in_the_request(client: Any, conn:
     """Every Flask built-in signal is deferred; the request records nothing; the worker records all."""
     assert client.get("/page").status_code == 200
     assert client.get("/boom").status_code == 500
+    drain(app)
     assert records(conn) == []
-    assert conn.llen("rq:queue:signals") == 16
+    assert queued_events(conn) == 16
 
     run_worker(APP, redis_url)
 
@@ -87,6 +88,7 @@ def test_builtin_signals_run_in_the_worker_not_in_the_request(client: Any, conn:
 def test_custom_signal_kwargs_round_trip(client: Any, conn: redis.Redis, redis_url: str) -> None:
     """Tagged types (Decimal, datetime, UUID, tuple, set, bytes, a dict with the tag key) come back equal."""
     assert client.post("/order/5").status_code == 200
+    drain(app)
     run_worker(APP, redis_url)
     [rec] = by_receiver(records(conn), "order_placed")
     assert rec["sender"] == "shop"
@@ -97,6 +99,7 @@ def test_custom_signal_kwargs_round_trip(client: Any, conn: redis.Redis, redis_u
 def test_senders_follow_the_documented_rule(client: Any, conn: redis.Redis, redis_url: str) -> None:
     """An object sender becomes an OpaqueSender, a class sender is found again, None stays None."""
     client.get("/senders")
+    drain(app)
     run_worker(APP, redis_url)
     senders = [r["sender"] for r in by_receiver(records(conn), "order_placed")]
     assert senders == [
@@ -109,6 +112,7 @@ def test_senders_follow_the_documented_rule(client: Any, conn: redis.Redis, redi
 def test_async_view_send_and_send_async(client: Any, conn: redis.Redis, redis_url: str) -> None:
     """An async view can send_async to an async deferred receiver and send to a sync one."""
     assert client.get("/async").status_code == 200
+    drain(app)
     run_worker(APP, redis_url)
     recs = records(conn)
     [async_rec] = by_receiver(recs, "async_signal")
@@ -121,7 +125,8 @@ def test_async_view_send_and_send_async(client: Any, conn: redis.Redis, redis_ur
 def test_handler_sending_a_signal_defers_a_new_event(client: Any, conn: redis.Redis, redis_url: str) -> None:
     """A signal a handler sends on purpose becomes a new event, with the original request's snapshot."""
     client.get("/chain")
-    assert conn.llen("rq:queue:signals") == 7  # chain_start + 3 request and 3 appcontext signals
+    drain(app)
+    assert queued_events(conn) == 7  # chain_start + 3 request and 3 appcontext signals
     run_worker(APP, redis_url)
     recs = records(conn)
     [start] = by_receiver(recs, "chain_start")
@@ -155,6 +160,7 @@ def drive() -> None:
 def test_eager_mode_gives_the_same_results_as_the_worker(client: Any, conn: redis.Redis, redis_url: str) -> None:
     """Eager mode runs handlers inline after the JSON round trip, seeing what the worker sees."""
     drive()
+    drain(app)
     run_worker(APP, redis_url)
     from_worker = records(conn)
     conn.flushall()
@@ -162,6 +168,7 @@ def test_eager_mode_gives_the_same_results_as_the_worker(client: Any, conn: redi
     app.config["SIGNAL_QUEUE_EAGER"] = True
     drive()
     eager = records(conn)
+    drain(app)
     assert conn.llen("rq:queue:signals") == 0, "eager mode enqueues nothing"
     assert len(from_worker) > 20
     assert _comparable(eager) == _comparable(from_worker)

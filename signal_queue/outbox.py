@@ -1,0 +1,211 @@
+"""Between the request thread and Redis: delivery modes, per-request holding, the background sender.
+
+Delivery modes (``SIGNAL_QUEUE_DELIVERY``):
+
+``background`` (default)
+    The request thread appends the event to an in-memory queue; a sender
+    thread sends whatever has gathered, every ``SIGNAL_QUEUE_LINGER`` seconds
+    at most, as batched RQ jobs in one pipeline. The request never waits for
+    Redis. Lost if the process dies before the sender ran (see README).
+``after_response``
+    Events are held on the request and sent in one pipeline when the
+    response is closed (after the body went out), on the request's thread.
+``immediate``
+    Each event is sent as it is emitted, on the request thread.
+
+Events of receivers with ``discard_if_failed=True`` are held until the
+request's outcome is known, and dropped if it failed (a 5xx response or an
+unhandled exception), like django-rq's COMMIT_MODE.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, Response, has_request_context
+from flask import request as request_proxy
+
+from .event import PendingEvent
+
+if TYPE_CHECKING:
+    from .enqueue import Dispatcher
+
+logger = logging.getLogger("signal_queue")
+
+DELIVERY_MODES = ("background", "after_response", "immediate")
+_HELD = "signal_queue.held"
+_OUTCOME = "signal_queue.outcome"
+_FAILED, _OK = "failed", "ok"
+
+
+class Outbox:
+    """Takes events from the request thread and gets them to the :class:`Dispatcher`."""
+
+    def __init__(self, dispatcher: Dispatcher, mode: str, linger: float, max_pending: int) -> None:
+        self.dispatcher = dispatcher
+        self.mode = mode
+        self.linger = linger
+        self.max_pending = max_pending
+        self._pending: deque[PendingEvent] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()  # one flush at a time; drain() waits on it
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._closed = False
+        self._idle = False
+        _outboxes.add(self)
+
+    # -- request thread ---------------------------------------------------------
+
+    def put(self, event: PendingEvent) -> None:
+        """Accept one event; never blocks on Redis in the background mode."""
+        if (self.mode == "after_response" or event.receiver.discard_if_failed) and has_request_context():
+            environ = request_proxy.environ
+            outcome = environ.get(_OUTCOME)
+            if outcome == _FAILED and event.receiver.discard_if_failed:
+                self.dispatcher.counters["discarded"] += 1
+                return
+            if outcome is None or _HELD in environ:
+                environ.setdefault(_HELD, []).append(event)
+                return
+        self._deliver([event])
+
+    def _deliver(self, events: list[PendingEvent]) -> None:
+        if self.mode == "background":
+            self._enqueue_background(events)
+        else:
+            self.dispatcher.deliver(events)
+
+    def _enqueue_background(self, events: list[PendingEvent]) -> None:
+        if self._pid != os.getpid():
+            self._after_fork()
+        if len(self._pending) + len(events) > self.max_pending:
+            self.dispatcher.counters["dropped"] += len(events)
+            logger.error(
+                "signal_queue: outbox full (%d events waiting for Redis); dropped %d event(s): %s",
+                len(self._pending), len(events), ", ".join(f"{e.id} ({e.receiver.name})" for e in events),
+            )
+            return
+        self._pending.extend(events)
+        if self._idle:
+            self._wake.set()
+        elif self._thread is None:
+            self._start()
+
+    # -- request outcome (after_request / teardown / response close) -----------------
+
+    def request_finished(self, response: Response) -> Response:
+        """``after_request``: note the outcome; send held events when the response is closed."""
+        environ = request_proxy.environ
+        environ[_OUTCOME] = _FAILED if response.status_code >= 500 else _OK
+        if _HELD in environ or self.mode == "after_response":
+            environ.setdefault(_HELD, [])
+            response.call_on_close(lambda: self.flush_held(environ))
+        return response
+
+    def request_torn_down(self, exc: BaseException | None) -> None:
+        """``teardown_request``: without a response (the exception propagated), decide now."""
+        environ = request_proxy.environ
+        if exc is not None and environ.get(_OUTCOME) is None:
+            environ[_OUTCOME] = _FAILED
+            self.flush_held(environ)
+            environ.pop(_HELD, None)
+
+    def flush_held(self, environ: dict[str, Any]) -> None:
+        held: list[PendingEvent] = environ.get(_HELD) or []
+        environ[_HELD] = []
+        failed = environ.get(_OUTCOME) == _FAILED
+        keep = [e for e in held if not (failed and e.receiver.discard_if_failed)]
+        if len(keep) < len(held):
+            self.dispatcher.counters["discarded"] += len(held) - len(keep)
+        if keep:
+            self._deliver(keep)
+
+    # -- sender thread -------------------------------------------------------------
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None and not self._closed:
+                self._thread = threading.Thread(target=self._run, name="signal_queue-sender", daemon=True)
+                self._thread.start()
+
+    def _after_fork(self) -> None:
+        # A forked child (gunicorn --preload) must not send its parent's events again.
+        self._pid = os.getpid()
+        self._pending.clear()
+        self._thread = None
+        self._lock = threading.Lock()
+        self._sending = threading.Lock()
+        self._wake = threading.Event()
+
+    def _run(self) -> None:
+        while not self._closed:
+            if not self._pending:
+                # Idle is announced before the last look, so an event put after
+                # that look always finds _idle set and wakes us.
+                self._idle = True
+                if not self._pending:
+                    self._wake.wait(1.0)
+                self._idle = False
+                self._wake.clear()
+                continue
+            time.sleep(self.linger)  # let a batch gather from concurrent requests
+            self.flush()
+
+    def flush(self) -> int:
+        """Send everything pending now; return how many events were taken.
+
+        When it returns, every event put before the call has been handed to
+        Redis (or logged as not delivered), also those a concurrent flush took.
+        """
+        taken = 0
+        with self._sending:
+            while self._pending:
+                batch: list[PendingEvent] = []
+                try:
+                    while len(batch) < self.dispatcher.max_events_per_send:
+                        batch.append(self._pending.popleft())
+                except IndexError:
+                    pass
+                taken += len(batch)
+                self.dispatcher.deliver(batch)
+        return taken
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the sender after sending what is pending (at interpreter exit)."""
+        self._closed = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        while self._pending and time.monotonic() < deadline:
+            self.flush()
+
+
+_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for outbox in list(_outboxes):
+        if outbox._pid == os.getpid():
+            outbox.close()
+
+
+def install_request_hooks(app: Flask, outbox: Outbox) -> None:
+    """Let the outbox learn each request's outcome, for held events."""
+    app.after_request(outbox.request_finished)
+    app.teardown_request(outbox.request_torn_down)
