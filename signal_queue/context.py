@@ -11,16 +11,15 @@ app context and a request context built from that snapshot.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
 
-from flask import Flask, Request, g, has_app_context, has_request_context
-from flask import request as request_proxy
+from flask import Flask, Request, g
+from flask.globals import _cv_request
 
-from .event import Event
+from .event import Event, new_id
 from .serialization import Codec, Unserializable
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -53,24 +52,24 @@ def client_ip(remote_addr: str | None, forwarded_for: str | None, trusted_hops: 
     return values[-trusted_hops] or remote_addr
 
 
-def request_id(req: Request) -> str:
+def request_id(environ: dict[str, Any]) -> str:
     """The request's id: a well-formed ``X-Request-ID`` from the client, else a new one.
 
     Kept in the WSGI environ so every event of one request shares it.
     """
-    rid = req.environ.get(_REQUEST_ID_KEY)
+    rid = environ.get(_REQUEST_ID_KEY)
     if rid is None:
-        sent = req.headers.get(REQUEST_ID_HEADER, "")
-        rid = sent if _VALID_REQUEST_ID.match(sent) else uuid.uuid4().hex
-        req.environ[_REQUEST_ID_KEY] = rid
+        sent = environ.get("HTTP_X_REQUEST_ID")
+        rid = sent if sent and _VALID_REQUEST_ID.match(sent) else new_id()
+        environ[_REQUEST_ID_KEY] = rid
     return str(rid)
 
 
-def current_user_id(app: Flask) -> str | None:
+def current_user_id(app: Flask, g_obj: Any) -> str | None:
     """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None."""
-    user = g.get("current_user")
+    user = g_obj.__dict__.get("current_user")
     if user is not None:
-        return _user_id(user)
+        return user if isinstance(user, str) else _user_id(user)
     if _login_current_user is None or getattr(app, "login_manager", None) is None:
         return None
     if not getattr(_login_current_user, "is_authenticated", False):
@@ -90,13 +89,14 @@ def _user_id(user: Any) -> str:
     return str(user)
 
 
-def capture_g(codec: Codec) -> dict[str, Any]:
+def capture_g(codec: Codec, g_obj: Any) -> dict[str, Any]:
     """The public attributes of ``g`` that can be sent as JSON; others are left out."""
     captured: dict[str, Any] = {}
-    if not has_app_context():
-        return captured
-    for name, value in vars(g._get_current_object()).items():
-        if name.startswith("_"):
+    for name, value in g_obj.__dict__.items():
+        if name[0] == "_":
+            continue
+        if type(value) is str:
+            captured[name] = value
             continue
         try:
             captured[name] = codec.encode(value, f"g.{name}")
@@ -116,31 +116,29 @@ _RAW_KEY = "signal_queue.raw_request"
 
 
 class RawRequest:
-    """What the request thread copies of a request: cheap to take, turned into a snapshot later.
+    """What the request thread keeps of a request: cheap to take, turned into a snapshot later.
 
-    Taken once per request (cached in the environ) and shared by its events;
-    :meth:`snapshot` does the costly formatting off the request thread.
+    Taken once per request (cached in the environ) and shared by its events.
+    It holds the WSGI environ itself; the sender copies the keys it needs and
+    formats them off the request thread (headers never change after the
+    request starts; a copy of a dict is atomic under the GIL).
     """
 
     __slots__ = ("_snapshot", "endpoint", "environ", "request_id", "trusted_hops", "view_args")
 
-    def __init__(self, req: Request, codec: Codec, trusted_hops: int) -> None:
-        self.environ = {k: v for k, v in req.environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
-        self.endpoint = req.endpoint
-        self.view_args: dict[str, Any] = {}
-        for key, value in (req.view_args or {}).items():
-            try:
-                self.view_args[key] = codec.encode(value, f"view_args.{key}")
-            except Unserializable:
-                self.view_args[key] = str(value)
-        self.request_id = request_id(req)
+    def __init__(self, environ: dict[str, Any], endpoint: str | None, view_args: dict[str, Any], trusted_hops: int):
+        self.environ = environ
+        self.endpoint = endpoint
+        self.view_args = view_args
+        self.request_id = request_id(environ)
         self.trusted_hops = trusted_hops
         self._snapshot: dict[str, Any] | None = None
 
     def snapshot(self, codec: Codec, user: str | None) -> dict[str, Any]:
         """The JSON form of :class:`~signal_queue.event.RequestSnapshot` (cached but for the user)."""
         if self._snapshot is None:
-            req = Request(self.environ, populate_request=False, shallow=True)
+            environ = {k: v for k, v in dict(self.environ).items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
+            req = Request(environ, populate_request=False, shallow=True)
             self._snapshot = {
                 "method": req.method,
                 "scheme": req.scheme,
@@ -150,25 +148,35 @@ class RawRequest:
                 "query_string": req.query_string.decode("latin-1"),
                 "url": req.url,
                 "endpoint": self.endpoint,
-                "view_args": self.view_args,
+                "view_args": _encode_view_args(codec, self.view_args),
                 "headers": codec.headers(req.headers.items()),
                 "remote_addr": req.remote_addr,
                 "client_ip": client_ip(req.remote_addr, req.headers.get("X-Forwarded-For"), self.trusted_hops),
                 "request_id": self.request_id,
             }
-        if user is None:
-            return dict(self._snapshot, user=None)
         return dict(self._snapshot, user=user)
 
 
-def capture_request(codec: Codec, trusted_hops: int) -> RawRequest | None:
+def _encode_view_args(codec: Codec, view_args: dict[str, Any]) -> dict[str, Any]:
+    encoded: dict[str, Any] = {}
+    for key, value in view_args.items():
+        try:
+            encoded[key] = codec.encode(value, f"view_args.{key}")
+        except Unserializable:
+            encoded[key] = str(value)
+    return encoded
+
+
+def capture_request(trusted_hops: int) -> RawRequest | None:
     """The active request's :class:`RawRequest` (taken on its first event), or None outside a request."""
-    if not has_request_context():
+    ctx = _cv_request.get(None)
+    if ctx is None:
         return None
-    req: Request = request_proxy._get_current_object()  # type: ignore[attr-defined]
-    raw: RawRequest | None = req.environ.get(_RAW_KEY)
+    environ = ctx.request.environ
+    raw: RawRequest | None = environ.get(_RAW_KEY)
     if raw is None:
-        raw = req.environ[_RAW_KEY] = RawRequest(req, codec, trusted_hops)
+        req = ctx.request
+        raw = environ[_RAW_KEY] = RawRequest(environ, req.endpoint, dict(req.view_args or ()), trusted_hops)
     return raw
 
 

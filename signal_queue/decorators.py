@@ -151,6 +151,10 @@ def deferred(
         if previous is not None:
             previous.signal.disconnect(previous.forwarder)
         signal.connect(forwarder, sender=sender, weak=False)
+        if discard_if_failed:
+            from .outbox import install_hooks_everywhere
+
+            install_hooks_everywhere()
         return func
 
     return decorate

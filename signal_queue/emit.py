@@ -10,45 +10,26 @@ An operational failure (Redis down) never raises here.
 
 from __future__ import annotations
 
-import itertools
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask
+from flask.globals import _cv_app
 
 from .context import capture_g, capture_request, current_user_id, rebuilding
 from .event import PendingEvent
 from .exceptions import ConfigurationError, PayloadError
-from .serialization import Unserializable
+from .serialization import Codec, Unserializable
 
 if TYPE_CHECKING:
     from .extension import SignalQueueState
     from .registry import DeferredReceiver
 
-# Event ids: a random per-process prefix and a counter. Unique per emit and
-# receiver, and far cheaper on the request thread than uuid4().
-_id_prefix = os.urandom(8).hex()
-_id_counter = itertools.count()
-
-
-def _reset_ids() -> None:
-    global _id_prefix, _id_counter
-    _id_prefix = os.urandom(8).hex()
-    _id_counter = itertools.count()
-
-
-os.register_at_fork(after_in_child=_reset_ids)
-
-
-def new_event_id() -> str:
-    return f"{_id_prefix}{next(_id_counter):08x}"
-
-
 def app_for(sender: Any, receiver: DeferredReceiver) -> Flask:
     """The app whose queue gets the event: the current app, else a Flask app sender."""
-    if has_app_context():
-        return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+    app_ctx = _cv_app.get(None)
+    if app_ctx is not None:
+        return app_ctx.app
     if isinstance(sender, Flask):
         return sender
     raise ConfigurationError(
@@ -69,13 +50,40 @@ def state_for(app: Flask) -> SignalQueueState:
     return state  # type: ignore[no-any-return]
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+
+
 def build_event(
     app: Flask, state: SignalQueueState, receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]
 ) -> PendingEvent:
-    """Validate and encode what the handler will need; raise :class:`PayloadError` for a bad kwarg."""
+    """Validate and encode what the handler will need; raise :class:`PayloadError` for a bad kwarg.
+
+    This runs on the request thread for every emit, so plain values take a
+    fast path and everything costly is left to :meth:`PendingEvent.to_dict`.
+    """
     codec = state.codec
+    encoded = kwargs
+    for value in kwargs.values():
+        if type(value) not in _PLAIN:
+            encoded = _encode_kwargs(codec, receiver, kwargs)
+            break
+    app_ctx = _cv_app.get(None)
+    g_obj = app_ctx.g if app_ctx is not None else None
+    raw = capture_request(state.trusted_proxies)
+    return PendingEvent(
+        receiver,
+        time.time(),
+        sender if type(sender) in _PLAIN else codec.encode_sender(sender),
+        encoded,
+        raw,
+        {} if g_obj is None else capture_g(codec, g_obj),
+        None if raw is None or g_obj is None else current_user_id(app, g_obj),
+    )
+
+
+def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, Any]) -> dict[str, Any]:
     try:
-        encoded = {key: codec.encode(value, key) for key, value in kwargs.items()}
+        return {key: codec.encode(value, key) for key, value in kwargs.items()}
     except Unserializable as exc:
         raise PayloadError(
             f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: "
@@ -85,17 +93,6 @@ def build_event(
             receiver=receiver.name,
             key=exc.key,
         ) from None
-    raw = capture_request(codec, state.trusted_proxies)
-    return PendingEvent(
-        receiver,
-        new_event_id(),
-        time.time(),
-        codec.encode_sender(sender),
-        encoded,
-        raw,
-        capture_g(codec),
-        current_user_id(app) if raw is not None else None,
-    )
 
 
 def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> None:
@@ -103,7 +100,7 @@ def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> Non
     if rebuilding.get():
         return
     app = app_for(sender, receiver)
-    state = state_for(app)
+    state = app.extensions.get("signal_queue") or state_for(app)
     event = build_event(app, state, receiver, sender, kwargs)
     if state.eager:
         state.run_eagerly(app, event)

@@ -9,6 +9,8 @@ is wrong. Inside a deferred handler it is available as :data:`current_event`.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -24,6 +26,25 @@ if TYPE_CHECKING:
 
 #: Version of the payload format; a worker refuses versions it does not know.
 FORMAT_VERSION = 1
+
+# Event and request ids: a random per-process prefix and a counter. Unique
+# across processes and far cheaper on the request thread than uuid4().
+_id_prefix = os.urandom(8).hex()
+_id_counter = itertools.count()
+
+
+def _reset_ids() -> None:
+    global _id_prefix, _id_counter
+    _id_prefix = os.urandom(8).hex()
+    _id_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reset_ids)
+
+
+def new_id() -> str:
+    """A new id, unique across processes (16 random hex digits, then a counter)."""
+    return f"{_id_prefix}{next(_id_counter):08x}"
 
 
 @dataclass(frozen=True)
@@ -166,12 +187,11 @@ class PendingEvent:
     :meth:`to_dict`, off the request thread in the background delivery mode.
     """
 
-    __slots__ = ("emitted", "g", "id", "kwargs", "raw_request", "receiver", "sender", "user")
+    __slots__ = ("_id", "emitted", "g", "kwargs", "raw_request", "receiver", "sender", "user")
 
     def __init__(
         self,
         receiver: DeferredReceiver,
-        event_id: str,
         emitted: float,
         sender: Any,
         kwargs: dict[str, Any],
@@ -180,13 +200,20 @@ class PendingEvent:
         user: str | None,
     ) -> None:
         self.receiver = receiver
-        self.id = event_id
+        self._id: str | None = None
         self.emitted = emitted
         self.sender = sender
         self.kwargs = kwargs
         self.raw_request = raw_request
         self.g = g
         self.user = user
+
+    @property
+    def id(self) -> str:
+        """Given when first asked for (off the request thread, in the background mode)."""
+        if self._id is None:
+            self._id = new_id()
+        return self._id
 
     def to_dict(self, codec: Codec) -> dict[str, Any]:
         """The JSON form a worker reads with :meth:`Event.from_dict`."""

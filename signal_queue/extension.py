@@ -94,7 +94,7 @@ class SignalQueueState:
         if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger <= 10:
             raise ConfigurationError(f"SIGNAL_QUEUE_LINGER must be seconds from 0 to 10, got {linger!r}")
         self.outbox = Outbox(
-            self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
+            app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
         )
         self._app_name = app.name
 

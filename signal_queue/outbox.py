@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("signal_queue")
 
 DELIVERY_MODES = ("background", "after_response", "immediate")
+DROP_LOG_INTERVAL = 10.0
 _HELD = "signal_queue.held"
 _OUTCOME = "signal_queue.outcome"
 _FAILED, _OK = "failed", "ok"
@@ -48,7 +49,8 @@ _FAILED, _OK = "failed", "ok"
 class Outbox:
     """Takes events from the request thread and gets them to the :class:`Dispatcher`."""
 
-    def __init__(self, dispatcher: Dispatcher, mode: str, linger: float, max_pending: int) -> None:
+    def __init__(self, app: Flask, dispatcher: Dispatcher, mode: str, linger: float, max_pending: int) -> None:
+        self._app = weakref.ref(app)
         self.dispatcher = dispatcher
         self.mode = mode
         self.linger = linger
@@ -61,13 +63,23 @@ class Outbox:
         self._pid = os.getpid()
         self._closed = False
         self._idle = False
+        self._last_drop_log = -DROP_LOG_INTERVAL
+        self._dropped_since_log = 0
         _outboxes.add(self)
 
     # -- request thread ---------------------------------------------------------
 
     def put(self, event: PendingEvent) -> None:
         """Accept one event; never blocks on Redis in the background mode."""
-        if (self.mode == "after_response" or event.receiver.discard_if_failed) and has_request_context():
+        if self.mode == "background" and not event.receiver.discard_if_failed:
+            if self._pid == os.getpid() and len(self._pending) < self.max_pending and self._thread is not None:
+                self._pending.append(event)  # the hot path: one append
+                if self._idle:
+                    self._wake.set()
+                return
+            self._enqueue_background([event])
+            return
+        if has_request_context():
             environ = request_proxy.environ
             outcome = environ.get(_OUTCOME)
             if outcome == _FAILED and event.receiver.discard_if_failed:
@@ -88,17 +100,29 @@ class Outbox:
         if self._pid != os.getpid():
             self._after_fork()
         if len(self._pending) + len(events) > self.max_pending:
-            self.dispatcher.counters["dropped"] += len(events)
-            logger.error(
-                "signal_queue: outbox full (%d events waiting for Redis); dropped %d event(s): %s",
-                len(self._pending), len(events), ", ".join(f"{e.id} ({e.receiver.name})" for e in events),
-            )
+            self._drop(events)
             return
         self._pending.extend(events)
         if self._idle:
             self._wake.set()
         elif self._thread is None:
             self._start()
+
+    def _drop(self, events: list[PendingEvent]) -> None:
+        # Logged once, then at most every DROP_LOG_INTERVAL seconds with a count, so that
+        # a long outage does not turn into a log line per event.
+        self.dispatcher.counters["dropped"] += len(events)
+        self._dropped_since_log += len(events)
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            logger.error(
+                "signal_queue: outbox full (%d events waiting for Redis, SIGNAL_QUEUE_MAX_PENDING); "
+                "dropped %d event(s) since the last report, %d in all; latest: %s (%s)",
+                len(self._pending), self._dropped_since_log, self.dispatcher.counters["dropped"],
+                events[-1].id, events[-1].receiver.name,
+            )
+            self._last_drop_log = now
+            self._dropped_since_log = 0
 
     # -- request outcome (after_request / teardown / response close) -----------------
 
@@ -180,6 +204,10 @@ class Outbox:
         return taken
 
     @property
+    def app(self) -> Flask | None:
+        return self._app()
+
+    @property
     def pending(self) -> int:
         return len(self._pending)
 
@@ -205,7 +233,31 @@ def _close_all() -> None:
             outbox.close()
 
 
+_hooked: weakref.WeakKeyDictionary[Flask, Outbox] = weakref.WeakKeyDictionary()
+
+
 def install_request_hooks(app: Flask, outbox: Outbox) -> None:
-    """Let the outbox learn each request's outcome, for held events."""
-    app.after_request(outbox.request_finished)
-    app.teardown_request(outbox.request_torn_down)
+    """Let the outbox learn each request's outcome, where something holds events.
+
+    Only the ``after_response`` mode and ``discard_if_failed`` receivers need
+    it, so other apps do not pay two hooks per request. A receiver may be
+    registered after the app served requests, when Flask's setup methods are
+    closed, so the hooks go straight into the documented hook lists.
+    """
+    from .registry import receivers
+
+    if app in _hooked:
+        return
+    if outbox.mode != "after_response" and not any(r.discard_if_failed for r in receivers):
+        return
+    _hooked[app] = outbox
+    app.after_request_funcs.setdefault(None, []).append(outbox.request_finished)
+    app.teardown_request_funcs.setdefault(None, []).append(outbox.request_torn_down)
+
+
+def install_hooks_everywhere() -> None:
+    """After a ``discard_if_failed`` receiver is registered: hook every app already set up."""
+    for outbox in list(_outboxes):
+        app = outbox.app
+        if app is not None:
+            install_request_hooks(app, outbox)
