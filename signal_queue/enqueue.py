@@ -14,6 +14,7 @@ import logging
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from typing import Any
 
 import redis
 from rq import Queue
@@ -88,13 +89,14 @@ class Dispatcher:
 
     def job_data(self, events: Sequence[PendingEvent]) -> EnqueueData:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
-        payloads = [e.to_dict(self.codec) for e in events]
+        requests: dict[str, dict[str, Any]] = {}
+        payloads = [e.to_dict(self.codec, requests) for e in events]
         # Each event has its own alarm in the worker; the job's covers them all plus bookkeeping.
         timeout = sum(e.receiver.timeout or self.default_timeout for e in events) + BATCH_TIMEOUT_MARGIN
         names = sorted({f"{e.receiver.signal_name} -> {e.receiver.name}" for e in events})
         return Queue.prepare_data(
             RUN_EVENTS,
-            args=(payloads,),
+            args=(payloads, requests),
             timeout=timeout,
             result_ttl=self.result_ttl,
             failure_ttl=self.failure_ttl,

@@ -215,9 +215,19 @@ class PendingEvent:
             self._id = new_id()
         return self._id
 
-    def to_dict(self, codec: Codec) -> dict[str, Any]:
-        """The JSON form a worker reads with :meth:`Event.from_dict`."""
+    def to_dict(self, codec: Codec, shared: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """The JSON form a worker reads with :meth:`Event.from_dict`.
+
+        With ``shared`` (a batch's table of request snapshots by request id),
+        the snapshot goes in the table once and the event refers to it.
+        """
         raw = self.raw_request
+        if shared is not None and raw is not None:
+            if raw.request_id not in shared:
+                shared[raw.request_id] = raw.snapshot(codec, None)
+            request: Any = {"ref": raw.request_id, "user": self.user}
+        else:
+            request = None if raw is None else raw.snapshot(codec, self.user)
         return {
             "v": FORMAT_VERSION,
             "id": self.id,
@@ -226,9 +236,21 @@ class PendingEvent:
             "emitted_at": dt.datetime.fromtimestamp(self.emitted, dt.timezone.utc).isoformat(),
             "sender": self.sender,
             "kwargs": self.kwargs,
-            "request": None if raw is None else raw.snapshot(codec, self.user),
+            "request": request,
             "g": self.g,
         }
+
+
+def resolve_shared_request(payload: Any, shared: Any) -> Any:
+    """An event of a batch with its request snapshot put back in place of the reference."""
+    if not isinstance(payload, dict):
+        return payload
+    request = payload.get("request")
+    if not (isinstance(request, dict) and "ref" in request):
+        return payload
+    if not isinstance(shared, dict) or not isinstance(shared.get(request["ref"]), dict):
+        raise MalformedEvent(f"event refers to request {request.get('ref')!r}, which the batch does not carry")
+    return dict(payload, request=dict(shared[request["ref"]], user=request.get("user")))
 
 
 class _Fields:

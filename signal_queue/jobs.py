@@ -31,7 +31,7 @@ from rq.timeouts import JobTimeoutException
 from rq.utils import now
 
 from .context import rebuilt_context
-from .event import Event, _current_event
+from .event import Event, _current_event, resolve_shared_request
 from .exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch, UnknownReceiver
 from .registry import receivers
 
@@ -130,7 +130,7 @@ def run_event(payload: Any) -> None:
         _send_emitted(app)
 
 
-def run_events(payloads: Any) -> None:
+def run_events(payloads: Any, requests: Any = None) -> None:
     """Job function for a batch: run each event once, in order; spin failures off as their own jobs.
 
     Each finished event is marked in ``sq:done:<job id>`` (in pipelines, every
@@ -152,6 +152,7 @@ def run_events(payloads: Any) -> None:
             continue
         receiver = None
         try:
+            payload = resolve_shared_request(payload, requests)
             event, receiver = resolve_event(payload, attempt)
             with event_timeout(receiver.timeout or state_timeout(app)):
                 run_resolved(app, event, receiver)

@@ -71,13 +71,16 @@ class Outbox:
 
     def put(self, event: PendingEvent) -> None:
         """Accept one event; never blocks on Redis in the background mode."""
-        if self.mode == "background" and not event.receiver.discard_if_failed:
-            if self._pid == os.getpid() and len(self._pending) < self.max_pending and self._thread is not None:
+        holds = self.mode == "after_response" or event.receiver.discard_if_failed
+        if not holds:
+            if self.mode != "background":
+                self.dispatcher.deliver([event])
+            elif self._pid == os.getpid() and len(self._pending) < self.max_pending and self._thread is not None:
                 self._pending.append(event)  # the hot path: one append
                 if self._idle:
                     self._wake.set()
-                return
-            self._enqueue_background([event])
+            else:
+                self._enqueue_background([event])
             return
         if has_request_context():
             environ = request_proxy.environ

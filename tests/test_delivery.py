@@ -1,0 +1,104 @@
+"""Delivery modes: background (default), after_response, immediate; discard_if_failed receivers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+
+from tests.conftest import drain, queued_events, run_worker
+from tests.delivery_app import create_app
+from tests.recording import records
+from tests.redis_server import free_port
+
+APP = "tests.delivery_app:create_app()"
+
+
+def wait_for_events(conn: redis.Redis, count: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while (found := queued_events(conn)) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return found
+
+
+def test_background_sender_delivers_without_being_asked(conn: redis.Redis) -> None:
+    """The default mode returns before Redis is touched; the sender thread delivers on its own."""
+    app = create_app()
+    assert app.test_client().get("/ok/3", buffered=True).status_code == 200
+    assert wait_for_events(conn, 4) == 4
+    jobs = conn.llen("rq:queue:signals")
+    assert jobs == 1, "the request's events travel in one batch job"
+
+
+def test_background_batches_span_requests(conn: redis.Redis) -> None:
+    """Events of many requests are sent together: far fewer jobs than requests."""
+    app = create_app(SIGNAL_QUEUE_LINGER=0.2)
+    client = app.test_client()
+    for _ in range(20):
+        client.get("/ok/1", buffered=True)
+    drain(app)
+    assert queued_events(conn) == 40
+    assert conn.llen("rq:queue:signals") <= 2
+
+
+def test_immediate_mode_enqueues_during_the_request(conn: redis.Redis) -> None:
+    """immediate: each event is in Redis as soon as it is emitted."""
+    app = create_app(SIGNAL_QUEUE_DELIVERY="immediate")
+    app.test_client().get("/ok/2", buffered=True)
+    assert queued_events(conn) == 3
+    assert conn.llen("rq:queue:signals") == 3, "one job per emit"
+
+
+def test_after_response_mode_sends_once_when_the_response_closes(conn: redis.Redis) -> None:
+    """after_response: nothing before the response is closed, then all events in one pipeline."""
+    app = create_app(SIGNAL_QUEUE_DELIVERY="after_response")
+    response = app.test_client().get("/ok/4")
+    assert queued_events(conn) == 0, "held until the response is closed"
+    response.close()
+    assert queued_events(conn) == 5
+    assert conn.llen("rq:queue:signals") == 1
+
+
+@pytest.mark.parametrize("mode", ["background", "after_response", "immediate"])
+def test_discard_if_failed_drops_only_that_receiver_on_failure(conn: redis.Redis, redis_url: str, mode: str) -> None:
+    """A 5xx or an exception drops discard_if_failed events; the others still run; success keeps both."""
+    app = create_app(SIGNAL_QUEUE_DELIVERY=mode)
+    client = app.test_client()
+    assert client.get("/fail", buffered=True).status_code == 500
+    assert client.get("/abort", buffered=True).status_code == 503
+    assert client.get("/ok/1", buffered=True).status_code == 200
+    drain(app)
+    run_worker(APP, redis_url)
+    seen = sorted((r["receiver"], r["request"]["path"]) for r in records(conn))
+    assert seen == [("audit", "/abort"), ("audit", "/fail"), ("audit", "/ok/1"), ("welcome", "/ok/1")]
+    assert app.extensions["signal_queue"].dispatcher.counters["discarded"] == 2
+
+
+def test_discard_if_failed_when_the_exception_propagates(conn: redis.Redis) -> None:
+    """With PROPAGATE_EXCEPTIONS the response never exists; teardown decides and still drops."""
+    app = create_app(PROPAGATE_EXCEPTIONS=True)
+    with pytest.raises(RuntimeError):
+        app.test_client().get("/fail")
+    drain(app)
+    assert queued_events(conn) == 1
+    assert app.extensions["signal_queue"].dispatcher.counters["discarded"] == 1
+
+
+def test_full_outbox_drops_with_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """Past SIGNAL_QUEUE_MAX_PENDING events are dropped and counted; the log is not flooded."""
+    app = create_app(
+        SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        SIGNAL_QUEUE_MAX_PENDING=3,
+        SIGNAL_QUEUE_LINGER=10,
+        SIGNAL_QUEUE_SOCKET_TIMEOUT=0.2,
+    )
+    with caplog.at_level(logging.ERROR, logger="signal_queue"):
+        for _ in range(5):
+            assert app.test_client().get("/ok/1", buffered=True).status_code == 200
+    counters = app.extensions["signal_queue"].dispatcher.counters
+    assert counters["dropped"] == 7
+    assert caplog.text.count("outbox full") == 1
+    assert "dropped 1 event(s) since the last report" in caplog.text
+    app.extensions["signal_queue"].outbox._pending.clear()
