@@ -188,11 +188,7 @@ def main() -> int:
             rows = []
             for n in (1, 5):
                 for variant in args.variants:
-                    if variant == "inline_20ms" and n == 5:
-                        seconds = args.seconds
-                    else:
-                        seconds = args.seconds
-                    rows.append((variant, n, bench_gunicorn(variant, n, server.url, seconds, args.clients)))
+                    rows.append((variant, n, bench_gunicorn(variant, n, server.url, args.seconds, args.clients)))
                     redis.Redis.from_url(server.url).flushall()
             base = {n: r["p50"] for v, n, r in rows if v == "baseline"}
             table(f"gunicorn gthread (1 worker, 4 threads), {args.clients} keep-alive clients on loopback", rows, base)
