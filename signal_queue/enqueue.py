@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -27,6 +28,9 @@ from .jobs import RUN_EVENTS, SignalJob
 from .serialization import Codec
 
 logger = logging.getLogger("signal_queue")
+
+#: Least seconds between two log lines about lost events of one kind.
+LOSS_LOG_INTERVAL = 10.0
 
 #: Seconds a batch job gets beyond its events' own timeouts, for spinning failures off.
 BATCH_TIMEOUT_MARGIN = 60
@@ -56,6 +60,10 @@ class Dispatcher:
         self.batch_size = batch_size
         self.max_events_per_send = max_events_per_send
         self.counters: Counter[str] = Counter()
+        #: False since the last delivery failed, until one succeeds.
+        self.healthy = True
+        self._unreported: Counter[str] = Counter()
+        self._last_loss_log: dict[str, float] = {}
         self._queues: dict[str, Queue] = {}
         self._lock = threading.Lock()
 
@@ -76,16 +84,31 @@ class Dispatcher:
         try:
             self.enqueue(events)
         except DeliveryError as exc:
-            self.counters["delivery_failed"] += len(events)
-            logger.error(
-                "signal_queue: %d event(s) were not delivered: %s: %s",
-                len(events),
-                exc,
-                ", ".join(f"{e.id} ({e.receiver.signal_name} -> {e.receiver.name})" for e in events),
-            )
+            self.healthy = False
+            self.report_loss("delivery_failed", events, f"were not delivered: {exc}")
             return False
+        self.healthy = True
         self.counters["enqueued"] += len(events)
         return True
+
+    def report_loss(self, counter: str, events: Sequence[PendingEvent], what: str) -> None:
+        """Count lost events and log it: at once, then at most every LOSS_LOG_INTERVAL seconds.
+
+        An outage would otherwise write a line per flush; each line names a few
+        of the events so that one can be traced.
+        """
+        self.counters[counter] += len(events)
+        self._unreported[counter] += len(events)
+        now = time.monotonic()
+        if now - self._last_loss_log.get(counter, -LOSS_LOG_INTERVAL) < LOSS_LOG_INTERVAL:
+            return
+        sample = ", ".join(f"{e.id} ({e.receiver.signal_name} -> {e.receiver.name})" for e in events[:3])
+        logger.error(
+            "signal_queue: %d event(s) %s; %d such events in all since start; e.g. %s",
+            self._unreported[counter], what, self.counters[counter], sample,
+        )
+        self._last_loss_log[counter] = now
+        self._unreported[counter] = 0
 
     def job_data(self, events: Sequence[PendingEvent]) -> EnqueueData:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""

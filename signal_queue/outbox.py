@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("signal_queue")
 
 DELIVERY_MODES = ("background", "after_response", "immediate")
-DROP_LOG_INTERVAL = 10.0
+#: Pending events past which the request thread sends a batch itself.
+BACKPRESSURE_AT = 2000
 _HELD = "signal_queue.held"
 _OUTCOME = "signal_queue.outcome"
 _FAILED, _OK = "failed", "ok"
@@ -55,6 +56,7 @@ class Outbox:
         self.mode = mode
         self.linger = linger
         self.max_pending = max_pending
+        self._fast_limit = min(BACKPRESSURE_AT, max_pending)
         self._pending: deque[PendingEvent] = deque()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -63,8 +65,6 @@ class Outbox:
         self._pid = os.getpid()
         self._closed = False
         self._idle = False
-        self._last_drop_log = -DROP_LOG_INTERVAL
-        self._dropped_since_log = 0
         _outboxes.add(self)
 
     # -- request thread ---------------------------------------------------------
@@ -75,7 +75,7 @@ class Outbox:
         if not holds:
             if self.mode != "background":
                 self.dispatcher.deliver([event])
-            elif self._pid == os.getpid() and len(self._pending) < self.max_pending and self._thread is not None:
+            elif self._pid == os.getpid() and len(self._pending) < self._fast_limit and self._thread is not None:
                 self._pending.append(event)  # the hot path: one append
                 if self._idle:
                     self._wake.set()
@@ -106,26 +106,21 @@ class Outbox:
             self._drop(events)
             return
         self._pending.extend(events)
-        if self._idle:
-            self._wake.set()
-        elif self._thread is None:
+        if self._thread is None:
             self._start()
+        elif len(self._pending) >= BACKPRESSURE_AT and self.dispatcher.healthy:
+            # The sender is not keeping up (a CPU-bound request loop can starve it
+            # of the GIL): this request sends what is pending itself, rather than
+            # let memory grow until events are dropped. Never while Redis is failing.
+            self.dispatcher.counters["backpressure"] += 1
+            self.flush()
+        elif self._idle:
+            self._wake.set()
 
     def _drop(self, events: list[PendingEvent]) -> None:
-        # Logged once, then at most every DROP_LOG_INTERVAL seconds with a count, so that
-        # a long outage does not turn into a log line per event.
-        self.dispatcher.counters["dropped"] += len(events)
-        self._dropped_since_log += len(events)
-        now = time.monotonic()
-        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
-            logger.error(
-                "signal_queue: outbox full (%d events waiting for Redis, SIGNAL_QUEUE_MAX_PENDING); "
-                "dropped %d event(s) since the last report, %d in all; latest: %s (%s)",
-                len(self._pending), self._dropped_since_log, self.dispatcher.counters["dropped"],
-                events[-1].id, events[-1].receiver.name,
-            )
-            self._last_drop_log = now
-            self._dropped_since_log = 0
+        self.dispatcher.report_loss(
+            "dropped", events, f"were dropped: the outbox is full ({self.max_pending}, SIGNAL_QUEUE_MAX_PENDING)"
+        )
 
     # -- request outcome (after_request / teardown / response close) -----------------
 

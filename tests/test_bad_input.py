@@ -124,6 +124,7 @@ def test_redis_down_at_emit_does_not_fail_the_request(caplog: pytest.LogCaptureF
     assert response.status_code == 200
     assert inline_calls == [{"value": "down"}]
     assert "1 event(s) were not delivered: ConnectionError" in caplog.text
+    assert "1 such events in all since start" in caplog.text
     assert "tests.misc_app:on_misc" in caplog.text
     assert app.extensions["signal_queue"].dispatcher.counters["delivery_failed"] == 1
 

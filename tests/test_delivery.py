@@ -99,6 +99,23 @@ def test_full_outbox_drops_with_one_log_line(caplog: pytest.LogCaptureFixture) -
             assert app.test_client().get("/ok/1", buffered=True).status_code == 200
     counters = app.extensions["signal_queue"].dispatcher.counters
     assert counters["dropped"] == 7
-    assert caplog.text.count("outbox full") == 1
-    assert "dropped 1 event(s) since the last report" in caplog.text
+    assert caplog.text.count("the outbox is full") == 1
+    assert "1 event(s) were dropped: the outbox is full (3, SIGNAL_QUEUE_MAX_PENDING)" in caplog.text
     app.extensions["signal_queue"].outbox._pending.clear()
+
+
+def test_backpressure_sends_from_the_request_thread_when_the_sender_lags(conn: redis.Redis) -> None:
+    """Past BACKPRESSURE_AT pending events, emitting sends a batch itself instead of growing memory."""
+    from signal_queue.outbox import BACKPRESSURE_AT
+    from tests.delivery_app import audit
+
+    app = create_app(SIGNAL_QUEUE_LINGER=10)  # a sender that waits 10 s, as a starved one would
+    outbox = app.extensions["signal_queue"].outbox
+    with app.app_context():
+        for i in range(BACKPRESSURE_AT + 10):
+            audit.send("loop", i=i)
+        assert outbox.pending < BACKPRESSURE_AT
+    assert queued_events(conn) >= BACKPRESSURE_AT
+    assert app.extensions["signal_queue"].dispatcher.counters["backpressure"] >= 1
+    drain(app)
+    assert queued_events(conn) == BACKPRESSURE_AT + 10
