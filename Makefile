@@ -23,3 +23,9 @@ lint: $(VENV)/.installed
 test: $(VENV)/.installed lint
 	scripts/ensure-redis-server
 	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/request_path.py
+	$(PY) benchmarks/worker_throughput.py
+	$(PY) benchmarks/memory.py
