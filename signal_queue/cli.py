@@ -30,3 +30,42 @@ def receivers_command() -> None:
     default = state_for(current_app).queue_name
     for r in sorted(receivers, key=lambda r: (r.signal_name, r.name)):
         click.echo(f"{r.signal_name:30} {r.name:50} queue={r.queue or default}")
+
+
+@signal_queue_cli.command("replay")
+def replay_command() -> None:
+    """Send the batches spooled during a Redis outage (the app also does this by itself)."""
+    from .emit import state_for
+
+    dispatcher = state_for(current_app).dispatcher
+    batches, events = dispatcher.spool.depth()
+    if not batches:
+        click.echo(f"spool {dispatcher.spool.path}: empty")
+        return
+    click.echo(f"spool {dispatcher.spool.path}: {events} event(s) in {batches} batch(es)")
+    sent = dispatcher.replay()
+    left = dispatcher.spool.depth()[1]
+    click.echo(
+        f"replayed {sent} event(s); {dispatcher.counters['replay_skipped']} already in Redis, not sent again; "
+        f"{left} left"
+    )
+    if left:
+        raise click.ClickException(f"{left} event(s) are still spooled: Redis at {state_for(current_app).redis_url} "
+                                   "did not take them")
+
+
+@signal_queue_cli.command("requeue")
+@click.option("--all", "everything", is_flag=True, help="Requeue every failed signal_queue job.")
+@click.option("--receiver", help="Only failed events of this receiver (module:qualname).")
+@click.option("--id", "ids", multiple=True, help="Only this event or job id (repeatable).")
+@click.option("--queue", "queue_names", multiple=True, help="Queues to look in (default: all of the app's).")
+def requeue_command(everything: bool, receiver: str | None, ids: tuple[str, ...], queue_names: tuple[str, ...]) -> None:
+    """Send failed events back to their queue (RQ's failed registry), e.g. after a fix."""
+    from .emit import state_for
+    from .failures import requeue_failed
+
+    if not (everything or receiver or ids):
+        raise click.UsageError("say what to requeue: --all, --receiver NAME or --id ID")
+    state = state_for(current_app)
+    done = requeue_failed(state, queue_names or state.queue_names(), receiver=receiver, ids=set(ids))
+    click.echo(f"requeued {len(done)} job(s)" + (f": {', '.join(done)}" if done else ""))

@@ -10,6 +10,7 @@ An operational failure (Redis down) never raises here.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -63,10 +64,16 @@ def build_event(
     """
     codec = state.codec
     encoded = kwargs
+    size = 0
     for value in kwargs.values():
-        if type(value) not in _PLAIN:
+        if type(value) is str:
+            size += len(value)
+        elif type(value) not in _PLAIN:
             encoded = _encode_kwargs(codec, receiver, kwargs)
+            size = len(json.dumps(encoded))
             break
+    if size > state.max_event_bytes:
+        _refuse_size(state, receiver, encoded)
     app_ctx = _cv_app.get(None)
     g_obj = app_ctx.g if app_ctx is not None else None
     raw = capture_request(state.trusted_proxies)
@@ -78,6 +85,21 @@ def build_event(
         raw,
         {} if g_obj is None else capture_g(codec, g_obj),
         None if raw is None or g_obj is None else current_user_id(app, g_obj),
+    )
+
+
+def _refuse_size(state: SignalQueueState, receiver: DeferredReceiver, encoded: dict[str, Any]) -> None:
+    sizes = sorted(((len(json.dumps(v)), k) for k, v in encoded.items()), reverse=True)
+    total = sum(n for n, _ in sizes)
+    if total <= state.max_event_bytes:
+        return
+    raise PayloadError(
+        f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: the kwargs take {total} bytes "
+        f"as JSON, over SIGNAL_QUEUE_MAX_EVENT_BYTES ({state.max_event_bytes}); the largest is "
+        f"{sizes[0][1]!r} ({sizes[0][0]} bytes). Send an id and load the data in the receiver",
+        signal=receiver.signal_name,
+        receiver=receiver.name,
+        key=sizes[0][1],
     )
 
 

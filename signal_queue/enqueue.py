@@ -11,6 +11,8 @@ never an exception in the request. The outage spool hooks in here.
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
@@ -18,26 +20,62 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis
-from rq import Queue
-from rq.queue import EnqueueData
+from rq import Queue, Retry
 from rq.serializers import JSONSerializer
 
-from .event import PendingEvent
+from .event import PendingEvent, new_id
 from .exceptions import DeliveryError
 from .jobs import RUN_EVENTS, SignalJob
 from .serialization import Codec
+from .spool import Spool, SpooledBatch
 
 logger = logging.getLogger("signal_queue")
 
 #: Least seconds between two log lines about lost events of one kind.
 LOSS_LOG_INTERVAL = 10.0
 
+#: Marks a batch job as enqueued, for replays; kept this long.
+SENT_KEY = "sq:sent:{0}"
+SENT_TTL = 7 * 24 * 3600
+
+#: Times RQ runs a batch job again after it raised or its worker died (finished events are skipped).
+BATCH_RETRIES = 5
+
 #: Seconds a batch job gets beyond its events' own timeouts, for spinning failures off.
 BATCH_TIMEOUT_MARGIN = 60
 
 
+class CircuitBreaker:
+    """Stops trying Redis for a while after a failure, so each request does not pay the timeout.
+
+    Open for 1 s after a failure, doubling with each failure in a row up to 30 s;
+    the first try after that (half-open) closes it again on success.
+    """
+
+    def __init__(self, first: float = 1.0, longest: float = 30.0) -> None:
+        self.first = first
+        self.longest = longest
+        self.failures = 0
+        self._open_until = 0.0
+
+    def allow(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    def failed(self) -> None:
+        self.failures += 1
+        self._open_until = time.monotonic() + min(self.first * 2 ** (self.failures - 1), self.longest)
+
+    def succeeded(self) -> None:
+        self.failures = 0
+        self._open_until = 0.0
+
+    @property
+    def retry_in(self) -> float:
+        return max(0.0, self._open_until - time.monotonic())
+
+
 class Dispatcher:
-    """Enqueues pending events as batched RQ jobs on their receivers' queues."""
+    """Enqueues pending events as batched RQ jobs; spools them when Redis cannot take them."""
 
     def __init__(
         self,
@@ -49,6 +87,7 @@ class Dispatcher:
         result_ttl: int,
         failure_ttl: int,
         batch_size: int,
+        spool: Spool,
         max_events_per_send: int = 2000,
     ) -> None:
         self.connection = connection
@@ -58,14 +97,21 @@ class Dispatcher:
         self.result_ttl = result_ttl
         self.failure_ttl = failure_ttl
         self.batch_size = batch_size
+        self.spool = spool
         self.max_events_per_send = max_events_per_send
+        self.breaker = CircuitBreaker()
         self.counters: Counter[str] = Counter()
-        #: False since the last delivery failed, until one succeeds.
-        self.healthy = True
+        #: True when this process spooled batches that may still wait for a replay.
+        self.spool_dirty = spool.depth()[0] > 0 if os.path.exists(spool.path) else False
         self._unreported: Counter[str] = Counter()
         self._last_loss_log: dict[str, float] = {}
         self._queues: dict[str, Queue] = {}
         self._lock = threading.Lock()
+
+    @property
+    def healthy(self) -> bool:
+        """False while the circuit breaker is open."""
+        return self.breaker.failures == 0
 
     def queue(self, name: str) -> Queue:
         """The RQ queue ``name`` on this connection, with the JSON serializer."""
@@ -77,68 +123,153 @@ class Dispatcher:
                 )
         return q
 
+    # -- sending --------------------------------------------------------------------
+
     def deliver(self, events: Sequence[PendingEvent]) -> bool:
-        """Enqueue ``events``; on a Redis failure log them and return False, never raise."""
+        """Enqueue ``events``, or spool them if Redis fails (or failed moments ago); never raise."""
         if not events:
             return True
-        try:
-            self.enqueue(events)
-        except DeliveryError as exc:
-            self.healthy = False
-            self.report_loss("delivery_failed", events, f"were not delivered: {exc}")
-            return False
-        self.healthy = True
-        self.counters["enqueued"] += len(events)
-        return True
+        batches = self.prepare(events)
+        error = f"Redis is unavailable (circuit open for {self.breaker.retry_in:.1f} s more)"
+        if self.breaker.allow():
+            try:
+                self.send(batches)
+            except DeliveryError as exc:
+                self.breaker.failed()
+                error = str(exc)
+            else:
+                self.breaker.succeeded()
+                self.counters["enqueued"] += len(events)
+                return True
+        self.spool_batches(batches, events, error)
+        return False
 
-    def report_loss(self, counter: str, events: Sequence[PendingEvent], what: str) -> None:
-        """Count lost events and log it: at once, then at most every LOSS_LOG_INTERVAL seconds.
+    def prepare(self, events: Sequence[PendingEvent]) -> list[SpooledBatch]:
+        """Group events by queue into batch jobs with their final job ids."""
+        by_queue: dict[str, list[PendingEvent]] = defaultdict(list)
+        for event in events:
+            by_queue[event.receiver.queue or self.default_queue].append(event)
+        size = self.batch_size
+        return [
+            self.batch(name, queued[i : i + size])
+            for name, queued in by_queue.items()
+            for i in range(0, len(queued), size)
+        ]
 
-        An outage would otherwise write a line per flush; each line names a few
-        of the events so that one can be traced.
-        """
-        self.counters[counter] += len(events)
-        self._unreported[counter] += len(events)
-        now = time.monotonic()
-        if now - self._last_loss_log.get(counter, -LOSS_LOG_INTERVAL) < LOSS_LOG_INTERVAL:
-            return
-        sample = ", ".join(f"{e.id} ({e.receiver.signal_name} -> {e.receiver.name})" for e in events[:3])
-        logger.error(
-            "signal_queue: %d event(s) %s; %d such events in all since start; e.g. %s",
-            self._unreported[counter], what, self.counters[counter], sample,
-        )
-        self._last_loss_log[counter] = now
-        self._unreported[counter] = 0
-
-    def job_data(self, events: Sequence[PendingEvent]) -> EnqueueData:
+    def batch(self, queue: str, events: Sequence[PendingEvent]) -> SpooledBatch:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
         requests: dict[str, dict[str, Any]] = {}
         payloads = [e.to_dict(self.codec, requests) for e in events]
         # Each event has its own alarm in the worker; the job's covers them all plus bookkeeping.
         timeout = sum(e.receiver.timeout or self.default_timeout for e in events) + BATCH_TIMEOUT_MARGIN
         names = sorted({f"{e.receiver.signal_name} -> {e.receiver.name}" for e in events})
-        return Queue.prepare_data(
-            RUN_EVENTS,
-            args=(payloads, requests),
-            timeout=timeout,
-            result_ttl=self.result_ttl,
-            failure_ttl=self.failure_ttl,
-            description=f"{len(events)} event(s): {', '.join(names)}",
-        )
+        job = {
+            "args": [payloads, requests],
+            "timeout": timeout,
+            "result_ttl": self.result_ttl,
+            "failure_ttl": self.failure_ttl,
+            "description": f"{len(events)} event(s): {', '.join(names)}",
+        }
+        return SpooledBatch(f"sqb{new_id()}", queue, job, len(events))
 
-    def enqueue(self, events: Sequence[PendingEvent]) -> None:
-        """Enqueue ``events`` in one pipeline or raise :class:`DeliveryError`."""
-        by_queue: dict[str, list[PendingEvent]] = defaultdict(list)
-        for event in events:
-            by_queue[event.receiver.queue or self.default_queue].append(event)
+    def send(self, batches: Sequence[SpooledBatch]) -> None:
+        """Enqueue ``batches`` atomically (MULTI/EXEC), each with its sent-marker, or raise DeliveryError.
+
+        The marker ``sq:sent:<job id>`` lets a replay tell a batch that did reach
+        Redis (the reply was lost) from one that did not.
+        """
         try:
-            with self.connection.pipeline(transaction=False) as pipe:
-                for name, queued in by_queue.items():
-                    size = self.batch_size
-                    datas = [self.job_data(queued[i : i + size]) for i in range(0, len(queued), size)]
-                    self.queue(name).enqueue_many(datas, pipeline=pipe)
+            with self.connection.pipeline(transaction=True) as pipe:
+                for b in batches:
+                    data = Queue.prepare_data(
+                        RUN_EVENTS,
+                        args=tuple(b.job["args"]),
+                        timeout=b.job["timeout"],
+                        result_ttl=b.job["result_ttl"],
+                        failure_ttl=b.job["failure_ttl"],
+                        description=b.job["description"],
+                        job_id=b.job_id,
+                        retry=Retry(max=BATCH_RETRIES),
+                    )
+                    self.queue(b.queue).enqueue_many([data], pipeline=pipe)
+                    pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
+    # -- the spool --------------------------------------------------------------------
 
+    def spool_batches(self, batches: Sequence[SpooledBatch], events: Sequence[PendingEvent], error: str) -> None:
+        """Keep batches on disk; if even that fails, count and log the loss loudly."""
+        try:
+            self.spool.put(batches)
+        except (sqlite3.Error, OSError) as exc:
+            self.report_loss(
+                "lost", events,
+                f"were LOST: Redis failed ({error}) and the spool {self.spool.path} could not be written "
+                f"({type(exc).__name__}: {exc})",
+            )
+            return
+        self.spool_dirty = True
+        self.counters["spooled"] += len(events)
+        self.report_loss("spooled_logged", events, f"were spooled to {self.spool.path}: {error}", level=logging.WARNING)
+
+    def replay(self, limit: int = 50) -> int:
+        """Send spooled batches while Redis takes them; return how many events went out.
+
+        A batch whose sent-marker exists already reached Redis: it is dropped
+        from the spool, not sent again.
+        """
+        sent = 0
+        while self.breaker.allow():
+            try:
+                claimed = self.spool.claim(limit)
+            except (sqlite3.Error, OSError) as exc:
+                logger.error("signal_queue: cannot read the spool %s: %s", self.spool.path, exc)
+                return sent
+            if not claimed:
+                self.spool_dirty = False
+                return sent
+            try:
+                with self.connection.pipeline(transaction=False) as pipe:
+                    for b in claimed:
+                        pipe.exists(SENT_KEY.format(b.job_id))
+                    arrived = pipe.execute()
+                fresh = [b for b, there in zip(claimed, arrived, strict=True) if not there]
+                if fresh:
+                    self.send(fresh)
+            except (redis.RedisError, OSError, DeliveryError) as exc:
+                self.breaker.failed()
+                self.spool.release(claimed)
+                logger.warning("signal_queue: replay of the spool stopped, Redis failed again: %s", exc)
+                return sent
+            self.breaker.succeeded()
+            self.spool.delete(claimed)
+            replayed = sum(b.events for b in fresh)
+            self.counters["replayed"] += replayed
+            self.counters["replay_skipped"] += sum(b.events for b in claimed) - replayed
+            sent += replayed
+        return sent
+
+    def report_loss(
+        self, counter: str, events: Sequence[PendingEvent], what: str, level: int = logging.ERROR
+    ) -> None:
+        """Count events and log it: at once, then at most every LOSS_LOG_INTERVAL seconds.
+
+        An outage would otherwise write a line per flush; each line names a few
+        of the events so that one can be traced.
+        """
+        if not counter.endswith("_logged"):
+            self.counters[counter] += len(events)
+        self._unreported[counter] += len(events)
+        now = time.monotonic()
+        if now - self._last_loss_log.get(counter, -LOSS_LOG_INTERVAL) < LOSS_LOG_INTERVAL:
+            return
+        sample = ", ".join(f"{e.id} ({e.receiver.signal_name} -> {e.receiver.name})" for e in events[:3])
+        logger.log(
+            level,
+            "signal_queue: %d event(s) %s; e.g. %s",
+            self._unreported[counter], what, sample,
+        )
+        self._last_loss_log[counter] = now
+        self._unreported[counter] = 0

@@ -16,6 +16,7 @@ from .event import PendingEvent
 from .exceptions import ConfigurationError
 from .outbox import DELIVERY_MODES, Outbox, install_request_hooks
 from .serialization import Codec
+from .spool import Spool
 
 #: Request and response headers whose values never leave the process.
 DEFAULT_REDACT_HEADERS = (
@@ -42,13 +43,15 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_JOB_TIMEOUT": 180,
     "SIGNAL_QUEUE_RESULT_TTL": 500,
     "SIGNAL_QUEUE_FAILURE_TTL": 365 * 24 * 3600,
-    "SIGNAL_QUEUE_SOCKET_TIMEOUT": 2.0,
+    "SIGNAL_QUEUE_SOCKET_TIMEOUT": 1.0,
     "SIGNAL_QUEUE_IMPORTS": (),
     "SIGNAL_QUEUE_MAX_RESPONSE_BODY": 64 * 1024,
     "SIGNAL_QUEUE_DELIVERY": "background",
     "SIGNAL_QUEUE_BATCH_SIZE": 100,
     "SIGNAL_QUEUE_LINGER": 0.01,
     "SIGNAL_QUEUE_MAX_PENDING": 100_000,
+    "SIGNAL_QUEUE_SPOOL_PATH": "",
+    "SIGNAL_QUEUE_MAX_EVENT_BYTES": 256 * 1024,
 }
 
 
@@ -60,6 +63,7 @@ class SignalQueueState:
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
         self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
         self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
+        self.max_event_bytes: int = _int(config, "SIGNAL_QUEUE_MAX_EVENT_BYTES", minimum=1)
         _bool(config, "SIGNAL_QUEUE_EAGER")
         self._config = config
         self.imports: tuple[str, ...] = tuple(_names(config, "SIGNAL_QUEUE_IMPORTS"))
@@ -86,6 +90,7 @@ class SignalQueueState:
             result_ttl=_int(config, "SIGNAL_QUEUE_RESULT_TTL", minimum=-1),
             failure_ttl=_int(config, "SIGNAL_QUEUE_FAILURE_TTL", minimum=1),
             batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
+            spool=Spool(self.spool_path(app)),
         )
         mode = config["SIGNAL_QUEUE_DELIVERY"]
         if mode not in DELIVERY_MODES:
@@ -97,6 +102,14 @@ class SignalQueueState:
             app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
         )
         self._app_name = app.name
+
+    @staticmethod
+    def spool_path(app: Flask) -> str:
+        """``SIGNAL_QUEUE_SPOOL_PATH``, else ``signal_queue_spool.sqlite3`` in the app's instance folder."""
+        path = app.config["SIGNAL_QUEUE_SPOOL_PATH"]
+        if not isinstance(path, str):
+            raise ConfigurationError(f"SIGNAL_QUEUE_SPOOL_PATH must be a file path, got {path!r}")
+        return path or os.path.join(app.instance_path, "signal_queue_spool.sqlite3")
 
     @property
     def eager(self) -> bool:
@@ -142,6 +155,8 @@ class SignalQueue:
     - ``SIGNAL_QUEUE_BATCH_SIZE``: most events in one RQ job.
     - ``SIGNAL_QUEUE_LINGER``: seconds the background sender lets a batch gather.
     - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
+    - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
+    - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
     """
 
     def __init__(self, app: Flask | None = None) -> None:

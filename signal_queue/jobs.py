@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+import redis
 from flask import Flask
 from rq import Queue, Retry
 from rq.exceptions import DeserializationError
@@ -291,12 +292,25 @@ class _DoneMarks:
             self.flush()
 
     def flush(self) -> None:
+        """Save the marks; while Redis is away, wait for it rather than forget them.
+
+        A forgotten mark would make a rerun of the batch run finished events
+        again; the job's own timeout still bounds the wait.
+        """
         if not self._unsaved or self.job is None or self.key is None:
             return
-        with self.job.connection.pipeline(transaction=False) as pipe:
-            pipe.sadd(self.key, *self._unsaved)
-            pipe.expire(self.key, self.TTL)
-            pipe.execute()
+        delay = 0.1
+        while True:
+            try:
+                with self.job.connection.pipeline(transaction=False) as pipe:
+                    pipe.sadd(self.key, *self._unsaved)
+                    pipe.expire(self.key, self.TTL)
+                    pipe.execute()
+                break
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                logger.warning("signal_queue: cannot save done marks of job %s (%s); retrying", self.job.id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
         self._unsaved.clear()
 
 

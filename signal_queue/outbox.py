@@ -66,6 +66,8 @@ class Outbox:
         self._closed = False
         self._idle = False
         _outboxes.add(self)
+        if dispatcher.spool_dirty:
+            self._start()  # a previous process left spooled batches: replay them
 
     # -- request thread ---------------------------------------------------------
 
@@ -74,7 +76,8 @@ class Outbox:
         holds = self.mode == "after_response" or event.receiver.discard_if_failed
         if not holds:
             if self.mode != "background":
-                self.dispatcher.deliver([event])
+                if not self.dispatcher.deliver([event]):
+                    self._start()  # the sender replays the spool when Redis is back
             elif self._pid == os.getpid() and len(self._pending) < self._fast_limit and self._thread is not None:
                 self._pending.append(event)  # the hot path: one append
                 if self._idle:
@@ -96,8 +99,8 @@ class Outbox:
     def _deliver(self, events: list[PendingEvent]) -> None:
         if self.mode == "background":
             self._enqueue_background(events)
-        else:
-            self.dispatcher.deliver(events)
+        elif not self.dispatcher.deliver(events):
+            self._start()
 
     def _enqueue_background(self, events: list[PendingEvent]) -> None:
         if self._pid != os.getpid():
@@ -169,13 +172,16 @@ class Outbox:
         self._wake = threading.Event()
 
     def _run(self) -> None:
+        dispatcher = self.dispatcher
         while not self._closed:
             if not self._pending:
+                if dispatcher.spool_dirty and dispatcher.breaker.allow():
+                    dispatcher.replay()  # Redis is back (or may be): send what was spooled
                 # Idle is announced before the last look, so an event put after
                 # that look always finds _idle set and wakes us.
                 self._idle = True
                 if not self._pending:
-                    self._wake.wait(1.0)
+                    self._wake.wait(max(dispatcher.breaker.retry_in, 0.05) if dispatcher.spool_dirty else 1.0)
                 self._idle = False
                 self._wake.clear()
                 continue

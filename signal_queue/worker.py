@@ -10,36 +10,81 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
+import re
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import redis
 from flask import Flask
 from flask.cli import NoAppException, ScriptInfo
-from rq import SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker
+from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from .emit import state_for
 from .exceptions import ConfigurationError
 from .jobs import SignalJob, bind_worker_app
+
+logger = logging.getLogger("signal_queue.worker")
+
+#: A running job's entry in RQ's started registry expires after this many
+#: seconds unless its worker renews it; then another worker's maintenance
+#: (every MAINTENANCE_INTERVAL s) finds it abandoned and RQ runs it again.
+JOB_HEARTBEAT_TTL = 30
+JOB_HEARTBEAT_EVERY = 10
+MAINTENANCE_INTERVAL = 15
+#: Also bounds how long an idle worker blocks on the queue before its maintenance runs.
+WORKER_TTL = 35
 
 
 class _SignalWorkerDefaults:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("job_class", SignalJob)
         kwargs.setdefault("serializer", JSONSerializer)
+        kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
+        kwargs.setdefault("worker_ttl", WORKER_TTL)
         super().__init__(*args, **kwargs)
 
 
 class SignalWorker(_SignalWorkerDefaults, SimpleWorker):
     """Runs events in the worker process itself (no fork per job).
 
-    Fast, and the app stays loaded. A handler that crashes the interpreter
-    (segfault, ``os._exit``) takes the worker down with it; its job stays in
-    RQ's started registry until it is found abandoned and handled again.
+    Fast, and the app stays loaded. A thread renews the running job's entry in
+    RQ's started registry every JOB_HEARTBEAT_EVERY seconds, so that when the
+    worker dies (SIGKILL, a segfault in a handler) the job is found abandoned
+    within about a minute and run again by another worker, skipping the events
+    it had finished.
     """
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._beat, args=(job, execution, stop), name="signal_queue-heartbeat", daemon=True
+        )
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            stop.set()
+            beat.join()
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
+        while not stop.wait(JOB_HEARTBEAT_EVERY):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except (redis.RedisError, OSError) as exc:
+                self.log.warning("signal_queue: job %s heartbeat failed: %s", job.id, exc)
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return JOB_HEARTBEAT_TTL
 
 
 class ForkingSignalWorker(_SignalWorkerDefaults, Worker):
@@ -96,11 +141,64 @@ def run_worker(
     max_jobs: int | None = None,
     with_scheduler: bool = True,
 ) -> bool:
-    """Run a worker until stopped (or until the queues are empty, with ``burst``)."""
-    worker = build_worker(app, queues, url=url, worker_class=worker_class, name=name)
-    return worker.work(
-        burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
-    )
+    """Run a worker until stopped (or until the queues are empty, with ``burst``).
+
+    If Redis goes away (RQ's worker quits on a Redis timeout, or fails in its
+    bookkeeping), wait for it to answer again and start a new worker in this
+    process: a Redis restart never needs the worker restarted.
+    """
+    redis_url = url or state_for(app).redis_url
+    wait_for_redis(redis_url)
+    while True:
+        worker = build_worker(app, queues, url=url, worker_class=worker_class, name=name)
+        try:
+            worked = worker.work(
+                burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
+            )
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            logger.warning("signal_queue: worker lost Redis (%s)", exc)
+        else:
+            if burst or max_jobs is not None or _stopping(worker):
+                return worked
+        if _stopping(worker):
+            return False
+        wait_for_redis(redis_url)
+        logger.warning("signal_queue: Redis answers again; starting a new worker")
+
+
+def _stopping(worker: Worker | SimpleWorker) -> bool:
+    """True once SIGTERM/SIGINT asked the worker to stop (RQ raises StopRequested when idle,
+    without setting ``_stop_requested``; ``request_stop`` always notes the date)."""
+    return bool(worker._stop_requested or getattr(worker, "_shutdown_requested_date", None))
+
+
+def safe_url(url: str) -> str:
+    """``url`` with any password replaced, for messages."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+def wait_for_redis(url: str, longest: float = 10.0) -> None:
+    """Return when Redis at ``url`` answers PING; wait with backoff meanwhile.
+
+    A wrong password or database fails at once with :class:`ConfigurationError`:
+    waiting would not fix it.
+    """
+    delay = 0.2
+    while True:
+        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client.ping()
+            return
+        except (redis.AuthenticationError, redis.ResponseError) as exc:
+            raise ConfigurationError(
+                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {exc}"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s", safe_url(url), exc, delay)
+        finally:
+            client.close()
+        time.sleep(delay)
+        delay = min(delay * 2, longest)
 
 
 def load_app(import_path: str | None) -> Flask:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # time points at the private server: the machine's Redis on 6379 is never used.
 SERVER = RedisServer()
 os.environ["SIGNAL_QUEUE_REDIS_URL"] = SERVER.url
+# Each app a test makes gets its own spool file, never one in the repo's instance folder.
+SPOOL_DIR = tempfile.mkdtemp(prefix="sq-spool-")
+os.environ["SIGNAL_QUEUE_SPOOL_PATH"] = os.path.join(SPOOL_DIR, "session-spool.sqlite3")
+
+
+@pytest.fixture(autouse=True)
+def own_spool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test's apps (and its workers) spool to a file of their own."""
+    path = tmp_path / "spool.sqlite3"
+    monkeypatch.setenv("SIGNAL_QUEUE_SPOOL_PATH", str(path))
+    return path
 
 
 @pytest.fixture(scope="session")

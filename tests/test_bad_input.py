@@ -114,19 +114,23 @@ def test_crafted_jobs_are_refused_and_good_jobs_still_run(conn: redis.Redis, red
     assert conn.llen("rq:queue:signals") == 0
 
 
-def test_redis_down_at_emit_does_not_fail_the_request(caplog: pytest.LogCaptureFixture) -> None:
-    """With Redis unreachable, the request succeeds, other receivers run, and the loss is logged."""
-    app = create_app(SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SIGNAL_QUEUE_SOCKET_TIMEOUT=0.5)
+def test_redis_down_at_emit_does_not_fail_the_request(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
+    """With Redis unreachable, the request succeeds, other receivers run, the event is spooled and logged."""
+    app = create_app(
+        SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        SIGNAL_QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"),
+    )
     inline_calls.clear()
-    with caplog.at_level(logging.ERROR, logger="signal_queue"):
+    with caplog.at_level(logging.WARNING, logger="signal_queue"):
         response = app.test_client().get("/emit/down")
         drain(app)
     assert response.status_code == 200
     assert inline_calls == [{"value": "down"}]
-    assert "1 event(s) were not delivered: ConnectionError" in caplog.text
-    assert "1 such events in all since start" in caplog.text
+    assert "1 event(s) were spooled to" in caplog.text and "ConnectionError" in caplog.text
     assert "tests.misc_app:on_misc" in caplog.text
-    assert app.extensions["signal_queue"].dispatcher.counters["delivery_failed"] == 1
+    state = app.extensions["signal_queue"]
+    assert state.dispatcher.counters["spooled"] == 1
+    assert state.dispatcher.spool.depth() == (1, 1)
 
 
 def test_receivers_that_cannot_be_named_are_refused_at_decoration() -> None:
