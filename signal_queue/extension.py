@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_MAX_PENDING": 100_000,
     "SIGNAL_QUEUE_SPOOL_PATH": "",
     "SIGNAL_QUEUE_MAX_EVENT_BYTES": 256 * 1024,
+    "SIGNAL_QUEUE_ABANDONED_AFTER": 30,
+    "SIGNAL_QUEUE_MAINTENANCE_INTERVAL": 15,
 }
 
 
@@ -64,6 +66,8 @@ class SignalQueueState:
         self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
         self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
         self.max_event_bytes: int = _int(config, "SIGNAL_QUEUE_MAX_EVENT_BYTES", minimum=1)
+        self.abandoned_after: int = _int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2)
+        self.maintenance_interval: int = _int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1)
         _bool(config, "SIGNAL_QUEUE_EAGER")
         self._config = config
         self.imports: tuple[str, ...] = tuple(_names(config, "SIGNAL_QUEUE_IMPORTS"))
@@ -157,6 +161,8 @@ class SignalQueue:
     - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
     - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
     - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
+    - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
+    - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
     """
 
     def __init__(self, app: Flask | None = None) -> None:

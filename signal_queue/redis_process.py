@@ -42,7 +42,7 @@ def find_redis_server() -> str | None:
 class RedisProcess:
     """One redis-server process on a free port; ``start``, ``kill`` and ``start`` again."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, persistent: bool = False) -> None:
         binary = find_redis_server()
         if binary is None:
             raise ConfigurationError(
@@ -52,6 +52,7 @@ class RedisProcess:
         self.binary = binary
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="signal-queue-redis-"))
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -66,7 +67,9 @@ class RedisProcess:
                 "--port", str(self.port),
                 "--bind", "127.0.0.1",
                 "--save", "",
-                "--appendonly", "no",
+                # persistent: an fsync'd AOF, so a SIGKILL loses nothing and a restart reloads it
+                "--appendonly", "yes" if self.persistent else "no",
+                "--appendfsync", "always",
                 "--dir", str(self.dir),
                 "--logfile", str(self.dir / "redis.log"),
             ],

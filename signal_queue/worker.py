@@ -36,11 +36,8 @@ logger = logging.getLogger("signal_queue.worker")
 #: A running job's entry in RQ's started registry expires after this many
 #: seconds unless its worker renews it; then another worker's maintenance
 #: (every MAINTENANCE_INTERVAL s) finds it abandoned and RQ runs it again.
-JOB_HEARTBEAT_TTL = 30
-JOB_HEARTBEAT_EVERY = 10
-MAINTENANCE_INTERVAL = 15
-#: Also bounds how long an idle worker blocks on the queue before its maintenance runs.
-WORKER_TTL = 35
+JOB_HEARTBEAT_TTL = 30  # SIGNAL_QUEUE_ABANDONED_AFTER; renewed every third of it
+MAINTENANCE_INTERVAL = 15  # SIGNAL_QUEUE_MAINTENANCE_INTERVAL
 
 
 class _SignalWorkerDefaults:
@@ -48,7 +45,7 @@ class _SignalWorkerDefaults:
         kwargs.setdefault("job_class", SignalJob)
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
-        kwargs.setdefault("worker_ttl", WORKER_TTL)
+        kwargs.setdefault("worker_ttl", MAINTENANCE_INTERVAL + 15)
         super().__init__(*args, **kwargs)
 
 
@@ -61,6 +58,8 @@ class SignalWorker(_SignalWorkerDefaults, SimpleWorker):
     within about a minute and run again by another worker, skipping the events
     it had finished.
     """
+
+    heartbeat_ttl = JOB_HEARTBEAT_TTL
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         execution = self.prepare_execution(job)
@@ -77,14 +76,14 @@ class SignalWorker(_SignalWorkerDefaults, SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
-        while not stop.wait(JOB_HEARTBEAT_EVERY):
+        while not stop.wait(max(self.heartbeat_ttl / 3, 0.5)):
             try:
                 self.maintain_heartbeats(job, execution)
             except (redis.RedisError, OSError) as exc:
                 self.log.warning("signal_queue: job %s heartbeat failed: %s", job.id, exc)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
-        return JOB_HEARTBEAT_TTL
+        return self.heartbeat_ttl
 
 
 class ForkingSignalWorker(_SignalWorkerDefaults, Worker):
@@ -126,7 +125,18 @@ def build_worker(
     # the worker blocks on BLPOP and RQ sets a timeout that fits that.
     connection = redis.Redis.from_url(url or state.redis_url)
     bind_worker_app(app)
-    return cls(list(queues) or state.queue_names(), connection=connection, name=name)
+    worker = cls(
+        list(queues) or state.queue_names(),
+        connection=connection,
+        name=name,
+        maintenance_interval=state.maintenance_interval,
+        # RQ blocks on the queue for worker_ttl - 15 s; this keeps an idle worker's
+        # maintenance (which finds abandoned jobs) on its interval.
+        worker_ttl=state.maintenance_interval + 15,
+    )
+    if isinstance(worker, SignalWorker):
+        worker.heartbeat_ttl = state.abandoned_after
+    return worker
 
 
 def run_worker(
