@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import click
 from flask import current_app
 from flask.cli import AppGroup
@@ -43,11 +45,19 @@ def replay_command() -> None:
         click.echo(f"spool {dispatcher.spool.path}: empty")
         return
     click.echo(f"spool {dispatcher.spool.path}: {events} event(s) in {batches} batch(es)")
-    sent = dispatcher.replay()
-    left = dispatcher.spool.depth()[1]
+    # This process's own sender may replay too (it starts when it finds a spool): wait
+    # until the spool is empty, or has not shrunk for a few seconds.
+    left, last_change, deadline = events, time.monotonic(), time.monotonic() + 300
+    while left and time.monotonic() - last_change < 5 and time.monotonic() < deadline:
+        dispatcher.replay()
+        now_left = dispatcher.spool.depth()[1]
+        if now_left < left:
+            left, last_change = now_left, time.monotonic()
+        elif left:
+            time.sleep(0.1)
     click.echo(
-        f"replayed {sent} event(s); {dispatcher.counters['replay_skipped']} already in Redis, not sent again; "
-        f"{left} left"
+        f"replayed {dispatcher.counters['replayed']} event(s); {dispatcher.counters['replay_skipped']} already "
+        f"in Redis, not sent again; {left} left"
     )
     if left:
         raise click.ClickException(f"{left} event(s) are still spooled: Redis at {state_for(current_app).redis_url} "

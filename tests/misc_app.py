@@ -63,3 +63,18 @@ def on_slow(sender: Any, seconds: float) -> None:
 
     time.sleep(seconds)
     record("slow-done", sender)
+
+
+fixable = Namespace().signal("fixable")
+
+
+@deferred(fixable)
+def on_fixable(sender: Any, order_id: int) -> None:
+    """Fails until the (test's) fix is deployed: a Redis flag stands for the deploy."""
+    import redis as redis_client
+    from flask import current_app
+
+    conn = redis_client.Redis.from_url(current_app.config["SIGNAL_QUEUE_REDIS_URL"])
+    if not conn.get("sq:test:fixed"):
+        raise RuntimeError(f"order {order_id}: bug not fixed yet")
+    record("fixable", sender, order_id=order_id)

@@ -1,0 +1,173 @@
+"""Spool, replay and requeue: what an operator does after an outage or a bad deploy."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from signal_queue import PayloadError
+from signal_queue.enqueue import SENT_KEY
+from signal_queue.redis_process import RedisProcess
+from tests.conftest import ROOT, drain, queued_events, run_worker
+from tests.misc_app import create_app, fixable, misc
+from tests.recording import records
+from tests.redis_server import free_port
+
+APP = "tests.misc_app:create_app()"
+
+
+def flask_cli(url: str, spool: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SIGNAL_QUEUE_REDIS_URL=url, SIGNAL_QUEUE_SPOOL_PATH=str(spool))
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", APP, "signal-queue", *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_spooled_events_are_replayed_by_the_app_when_redis_returns(tmp_path: Path) -> None:
+    """Redis down: spooled, the breaker stops retrying each time; Redis back: the sender replays alone."""
+    server = RedisProcess()
+    app = create_app(SIGNAL_QUEUE_REDIS_URL=server.url, SIGNAL_QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"))
+    state = app.extensions["signal_queue"]
+    client = app.test_client()
+    try:
+        for i in range(3):
+            assert client.get(f"/emit/down{i}").status_code == 200
+        drain(app)
+        assert state.dispatcher.spool.depth()[1] == 3
+        assert state.dispatcher.breaker.failures >= 1
+        server.start()
+        conn = redis.Redis.from_url(server.url)
+        deadline = time.monotonic() + 40
+        while queued_events(conn) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert queued_events(conn) == 3, "replayed without any new request"
+        assert state.dispatcher.spool.depth() == (0, 0)
+        assert state.dispatcher.counters["replayed"] == 3
+    finally:
+        server.kill()
+
+
+def test_replay_skips_batches_that_did_reach_redis(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
+    """A batch spooled although it got through (its reply was lost) is not sent twice."""
+    app = create_app(SIGNAL_QUEUE_SPOOL_PATH=str(tmp_path / "spool.sqlite3"))
+    dispatcher = app.extensions["signal_queue"].dispatcher
+    outbox = app.extensions["signal_queue"].outbox
+    with app.app_context():
+        misc.send("x", value="once")
+    events = list(outbox._pending)
+    outbox._pending.clear()
+    [batch] = dispatcher.prepare(events)
+    dispatcher.send([batch])  # it reached Redis...
+    dispatcher.spool.put([batch])  # ...and was spooled too, as a lost reply would make it
+    assert conn.exists(SENT_KEY.format(batch.job_id))
+    assert dispatcher.replay() == 0
+    assert dispatcher.counters["replay_skipped"] == 1
+    assert dispatcher.spool.depth() == (0, 0)
+    run_worker(APP, redis_url)
+    assert [r["kwargs"]["value"] for r in records(conn)] == ["once"]
+
+
+def test_unwritable_spool_is_logged_loudly_and_the_request_succeeds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis down and the spool unwritable: counted as lost, logged as an error, the request still 200."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the spool's folder should be")
+    app = create_app(
+        SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",
+        SIGNAL_QUEUE_SPOOL_PATH=str(blocker / "spool.sqlite3"),
+    )
+    with caplog.at_level(logging.ERROR, logger="signal_queue"):
+        assert app.test_client().get("/emit/lost").status_code == 200
+        drain(app)
+    assert app.extensions["signal_queue"].dispatcher.counters["lost"] == 1
+    assert "1 event(s) were LOST: Redis failed" in caplog.text
+    assert "could not be written" in caplog.text and "not-a-directory" in caplog.text
+
+
+def test_flask_replay_command_sends_the_spool(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
+    """`flask signal-queue replay` sends what a dead process left in the spool."""
+    spool = tmp_path / "spool.sqlite3"
+    down = create_app(SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SIGNAL_QUEUE_SPOOL_PATH=str(spool))
+    down.test_client().get("/emit/left-behind")
+    drain(down)
+    out = flask_cli(redis_url, spool, "replay")
+    assert out.returncode == 0, out.stderr
+    assert "1 event(s) in 1 batch(es)" in out.stdout and "replayed 1 event(s)" in out.stdout
+    assert queued_events(conn) == 1
+    again = flask_cli(redis_url, spool, "replay")
+    assert "empty" in again.stdout
+
+
+def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
+    """Failed registry holds the event with its error; `requeue --receiver` after the fix runs it."""
+    app = create_app()
+    with app.app_context():
+        fixable.send("shop", order_id=7)
+        misc.send("shop", value="unrelated")
+    drain(app)
+    run_worker(APP, redis_url)
+    assert conn.zcard("rq:failed:signals") == 1
+    spool = tmp_path / "spool.sqlite3"
+    nothing = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_misc")
+    assert "requeued 0 job(s)" in nothing.stdout
+    conn.set("sq:test:fixed", 1)  # the deploy
+    out = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_fixable")
+    assert out.returncode == 0, out.stderr
+    assert "requeued 1 job(s)" in out.stdout
+    run_worker(APP, redis_url)
+    assert [r["kwargs"].get("order_id") for r in records(conn) if r["receiver"] == "fixable"] == [7]
+    assert conn.zcard("rq:failed:signals") == 0
+    usage = flask_cli(redis_url, spool, "requeue")
+    assert usage.returncode != 0 and "--all, --receiver NAME or --id ID" in usage.stderr
+
+
+def test_oversized_event_is_refused_at_emit(conn: redis.Redis) -> None:
+    """Kwargs over SIGNAL_QUEUE_MAX_EVENT_BYTES raise PayloadError naming the largest key; nothing sent."""
+    app = create_app(SIGNAL_QUEUE_MAX_EVENT_BYTES=1000)
+    with app.app_context(), pytest.raises(PayloadError) as info:
+        misc.send("x", value="y" * 5000)
+    assert "over SIGNAL_QUEUE_MAX_EVENT_BYTES (1000)" in str(info.value)
+    assert info.value.key == "value" and "tests.misc_app:on_misc" in str(info.value)
+    with app.app_context(), pytest.raises(PayloadError):
+        misc.send("x", value={"nested": ["z" * 2000]})
+    drain(app)
+    assert queued_events(conn) == 0
+
+
+def test_worker_with_a_wrong_password_says_so(redis_url: str) -> None:
+    """A wrong Redis password stops the worker at once with a message naming the (masked) URL."""
+    server = RedisProcess()
+    server.start()
+    try:
+        redis.Redis.from_url(server.url).config_set("requirepass", "right")
+        url = f"redis://:wrong@127.0.0.1:{server.port}/0"
+        out = subprocess.run(
+            [sys.executable, "worker.py", "--app", APP, "--url", url, "--burst"],
+            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 2
+        assert f"Redis at redis://:***@127.0.0.1:{server.port}/0 refused the worker" in out.stderr
+        assert "wrong" not in out.stderr.replace("WRONGPASS", "")
+    finally:
+        server.kill()
+
+
+def test_emits_with_redis_up_touch_no_disk(tmp_path: Path, conn: redis.Redis) -> None:
+    """While Redis answers, the spool file is never created: emits cost no disk I/O."""
+    spool = tmp_path / "spool.sqlite3"
+    app = create_app(SIGNAL_QUEUE_SPOOL_PATH=str(spool))
+    client = app.test_client()
+    for i in range(50):
+        client.get(f"/emit/{i}")
+    drain(app)
+    assert queued_events(conn) == 50
+    assert not spool.exists() and list(tmp_path.iterdir()) == []
