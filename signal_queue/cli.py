@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from typing import Any
 
 import click
 from flask import current_app
@@ -79,3 +81,89 @@ def requeue_command(everything: bool, receiver: str | None, ids: tuple[str, ...]
     state = state_for(current_app)
     done = requeue_failed(state, queue_names or state.queue_names(), receiver=receiver, ids=set(ids))
     click.echo(f"requeued {len(done)} job(s)" + (f": {', '.join(done)}" if done else ""))
+
+
+@signal_queue_cli.command("info")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def info_command(as_json: bool) -> None:
+    """Queues, workers, failed events, the outage spool and the registered receivers."""
+    from rq import Queue, Worker
+    from rq.serializers import JSONSerializer
+
+    from .emit import state_for
+    from .jobs import SignalJob
+    from .registry import receivers
+    from .worker import safe_url
+
+    state = state_for(current_app)
+    conn = state.connection
+    queues: list[dict[str, Any]] = []
+    for name in state.queue_names():
+        rq_queue = Queue(name, connection=conn, serializer=JSONSerializer, job_class=SignalJob)
+        queues.append(
+            {
+                "name": name,
+                "jobs_waiting": rq_queue.count,
+                "started": rq_queue.started_job_registry.count,
+                "scheduled": rq_queue.scheduled_job_registry.count,
+                "failed": rq_queue.failed_job_registry.count,
+                "finished": rq_queue.finished_job_registry.count,
+            }
+        )
+    names = {q["name"] for q in queues}
+    workers = [
+        {"name": w.name, "state": w.get_state(), "queues": w.queue_names()}
+        for w in Worker.all(connection=conn)
+        if names & set(w.queue_names())
+    ]
+    batches, events = state.dispatcher.spool.depth()
+    data: dict[str, Any] = {
+        "redis": safe_url(state.redis_url),
+        "queues": queues,
+        "workers": workers,
+        "spool": {"path": state.dispatcher.spool.path, "batches": batches, "events": events},
+        "receivers": [
+            {"signal": r.signal_name, "receiver": r.name, "queue": r.queue or state.queue_name}
+            for r in sorted(receivers, key=lambda r: (r.signal_name, r.name))
+        ],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"redis {data['redis']}")
+    for q in queues:
+        click.echo(
+            f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
+            f"{state.dispatcher.batch_size} events), {q['started']} running, {q['scheduled']} scheduled retries, "
+            f"{q['failed']} failed, {q['finished']} finished"
+        )
+    click.echo(f"workers: {len(workers)}" + "".join(f"\n  {w['name']} {w['state']} {','.join(w['queues'])}"
+                                                  for w in workers))
+    click.echo(f"spool {(batches and f'{events} event(s) in {batches} batch(es)') or 'empty'}: {data['spool']['path']}")
+    click.echo(f"receivers: {len(data['receivers'])}")
+    for r in data["receivers"]:
+        click.echo(f"  {r['signal']:28} {r['receiver']:48} queue={r['queue']}")
+
+
+@signal_queue_cli.command("failed")
+@click.option("--receiver", help="Only this receiver (module:qualname).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def failed_command(receiver: str | None, as_json: bool) -> None:
+    """Failed events (RQ's failed registry): signal, receiver, request path, user, request id, error."""
+    from .emit import state_for
+    from .failures import failed_events
+
+    state = state_for(current_app)
+    rows = failed_events(state, state.queue_names(), receiver=receiver)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no failed events")
+        return
+    for row in rows:
+        click.echo(
+            f"{row['job_id']}  {row['signal']} -> {row['receiver']}  path={row['path']} user={row['user']} "
+            f"request_id={row['request_id']}\n    {row['error']}"
+        )
+    click.echo(f"{len(rows)} failed; `flask signal-queue requeue --id ID` or `--receiver NAME` sends them back")

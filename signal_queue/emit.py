@@ -124,7 +124,9 @@ def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> Non
     app = app_for(sender, receiver)
     state = app.extensions.get("signal_queue") or state_for(app)
     event = build_event(app, state, receiver, sender, kwargs)
-    if state.eager:
+    if state.capture is not None:
+        state.capture.add(event, state)
+    elif state.eager:
         state.run_eagerly(app, event)
     else:
         state.outbox.put(event)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from flask import Flask
@@ -17,6 +17,9 @@ from .exceptions import ConfigurationError
 from .outbox import DELIVERY_MODES, Outbox, install_request_hooks
 from .serialization import Codec
 from .spool import Spool
+
+if TYPE_CHECKING:
+    from .testing import EventCapture
 
 #: Request and response headers whose values never leave the process.
 DEFAULT_REDACT_HEADERS = (
@@ -106,6 +109,8 @@ class SignalQueueState:
             app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
         )
         self._app_name = app.name
+        #: An active signal_queue.testing capture, which takes events instead of the outbox.
+        self.capture: EventCapture | None = None
 
     @staticmethod
     def spool_path(app: Flask) -> str:

@@ -52,3 +52,45 @@ def requeue_failed(
             registry.requeue(job_id)
             requeued.append(job_id)
     return requeued
+
+
+def failed_events(
+    state: SignalQueueState, queue_names: Iterable[str], receiver: str | None = None
+) -> list[dict[str, Any]]:
+    """One row per failed job: its event's signal, receiver, request path, user, request id and error."""
+    rows: list[dict[str, Any]] = []
+    for name in queue_names:
+        queue = Queue(name, connection=state.connection, serializer=JSONSerializer, job_class=SignalJob)
+        for job_id in queue.failed_job_registry.get_job_ids():
+            try:
+                job = SignalJob.fetch(job_id, connection=state.connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                continue
+            if receiver and receiver not in receivers_of(job):
+                continue
+            result = job.latest_result()
+            error = (result.exc_string or "") if result is not None else ""
+            event: dict[str, Any] = {}
+            try:
+                if job.func_name == RUN_EVENT and isinstance(job.args[0], dict):
+                    event = job.args[0]
+            except Exception:
+                event = {}
+            raw_request = event.get("request")
+            request: dict[str, Any] = raw_request if isinstance(raw_request, dict) else {}
+            rows.append(
+                {
+                    "job_id": job_id,
+                    "queue": name,
+                    "events": 1 if job.func_name == RUN_EVENT else len(receivers_of(job)),
+                    "signal": event.get("signal"),
+                    "receiver": event.get("receiver") or ", ".join(sorted(receivers_of(job) - {""})) or None,
+                    "path": request.get("path"),
+                    "user": request.get("user"),
+                    "request_id": request.get("request_id"),
+                    "emitted_at": event.get("emitted_at"),
+                    "ended_at": job.ended_at.isoformat() if job.ended_at else None,
+                    "error": error.strip().splitlines()[-1] if error.strip() else "",
+                }
+            )
+    return rows

@@ -35,9 +35,9 @@ def module_file(module: str) -> Path:
 
 
 def test_compose_has_redis_app_and_worker_wired_to_one_redis() -> None:
-    """Three services; app and worker use the redis service, wait for its healthcheck."""
+    """redis, app, worker and dashboard, all on the redis service, all waiting for its healthcheck."""
     services: dict[str, Any] = COMPOSE["services"]
-    assert {"redis", "app", "worker"} <= set(services)
+    assert {"redis", "app", "worker", "dashboard"} <= set(services)
     redis_svc = services["redis"]
     assert "--appendonly" in redis_svc["command"] and "yes" in redis_svc["command"]
     assert redis_svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
@@ -46,6 +46,9 @@ def test_compose_has_redis_app_and_worker_wired_to_one_redis() -> None:
         assert svc["environment"]["SIGNAL_QUEUE_REDIS_URL"] == "redis://redis:6379/0"
         assert svc["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["worker"]["restart"] == "on-failure"
+    dashboard = services["dashboard"]
+    assert dashboard["environment"]["RQ_DASHBOARD_REDIS_URL"] == "redis://redis:6379/0"
+    assert dashboard["depends_on"]["redis"]["condition"] == "service_healthy"
     assert "ports" not in services["worker"], "workers scale with --scale worker=N, so publish no port"
 
 
@@ -72,6 +75,7 @@ def test_compose_environment_is_documented() -> None:
     for svc in COMPOSE["services"].values():
         for key in (svc.get("environment") or {}):
             assert f"`{key}`" in readme, key
+    assert "redis-data" in COMPOSE["volumes"]
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -117,6 +118,19 @@ def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: re
     run_worker(APP, redis_url)
     assert conn.zcard("rq:failed:signals") == 1
     spool = tmp_path / "spool.sqlite3"
+
+    listed = flask_cli(redis_url, spool, "failed", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert (row["signal"], row["receiver"]) == ("fixable", "tests.misc_app:on_fixable")
+    assert row["error"] == "RuntimeError: order 7: bug not fixed yet"
+    human = flask_cli(redis_url, spool, "failed", "--receiver", "tests.misc_app:on_fixable")
+    assert "fixable -> tests.misc_app:on_fixable" in human.stdout and "1 failed" in human.stdout
+    info = json.loads(flask_cli(redis_url, spool, "info", "--json").stdout)
+    [queue] = info["queues"]
+    assert (queue["name"], queue["failed"], queue["jobs_waiting"]) == ("signals", 1, 0)
+    assert {"signal": "fixable", "receiver": "tests.misc_app:on_fixable", "queue": "signals"} in info["receivers"]
+    assert info["spool"]["events"] == 0
     nothing = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_misc")
     assert "requeued 0 job(s)" in nothing.stdout
     conn.set("sq:test:fixed", 1)  # the deploy
