@@ -167,3 +167,56 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
             f"request_id={row['request_id']}\n    {row['error']}"
         )
     click.echo(f"{len(rows)} failed; `flask signal-queue requeue --id ID` or `--receiver NAME` sends them back")
+
+
+@signal_queue_cli.command("metrics")
+def metrics_command() -> None:
+    """Print the counters in Prometheus' text format (e.g. for node_exporter's textfile collector)."""
+    from .metrics import prometheus_text
+
+    click.echo(prometheus_text(current_app._get_current_object()), nl=False)  # type: ignore[attr-defined]
+
+
+@signal_queue_cli.command("purge")
+@click.option("--failed", "what", flag_value="failed", help="Delete the failed events (RQ's failed registries).")
+@click.option("--queued", "what", flag_value="queued", help="Empty the queues: waiting events are deleted.")
+@click.option("--spool", "what", flag_value="spool", help="Delete the outage spool's batches.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def purge_command(what: str | None, yes: bool) -> None:
+    """Delete failed events, waiting events or the spool. Asks first: what is purged is gone."""
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from .emit import state_for
+    from .jobs import SignalJob
+
+    if what is None:
+        raise click.UsageError("say what to purge: --failed, --queued or --spool")
+    state = state_for(current_app)
+    queues = [Queue(n, connection=state.connection, serializer=JSONSerializer, job_class=SignalJob)
+              for n in state.queue_names()]
+    if what == "spool":
+        count = state.dispatcher.spool.depth()[1]
+    elif what == "failed":
+        count = sum(q.failed_job_registry.count for q in queues)
+    else:
+        count = sum(q.count for q in queues)
+    unit = "event(s)" if what != "queued" else "job(s)"
+    if count == 0:
+        click.echo(f"nothing to purge ({what})")
+        return
+    if not yes:
+        click.confirm(f"Delete {count} {what} {unit} for good?", abort=True)
+    if what == "spool":
+        state.dispatcher.spool.purge()
+    elif what == "queued":
+        for q in queues:
+            q.empty()  # type: ignore[no-untyped-call]
+    else:
+        for q in queues:
+            ids: list[str] = q.failed_job_registry.get_job_ids()
+            for done, job_id in enumerate(ids, 1):
+                q.failed_job_registry.remove(job_id, delete_job=True)
+                if done % 100 == 0 or done == len(ids):  # progress, on stderr
+                    click.echo(f"\rpurging {q.name}: {done}/{len(ids)}", err=True, nl=done == len(ids))
+    click.echo(f"purged {count} {what} {unit}")

@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 from .event import PendingEvent, new_id
 from .exceptions import DeliveryError
 from .jobs import RUN_EVENTS, SignalJob
+from .metrics import STATS_KEY
 from .serialization import Codec
 from .spool import Spool, SpooledBatch
 
@@ -193,6 +194,7 @@ class Dispatcher:
                     )
                     self.queue(b.queue).enqueue_many([data], pipeline=pipe)
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
+                pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
@@ -246,6 +248,8 @@ class Dispatcher:
             self.breaker.succeeded()
             self.spool.delete(claimed)
             replayed = sum(b.events for b in fresh)
+            if replayed:
+                self.connection.hincrby(STATS_KEY, "replayed", replayed)
             self.counters["replayed"] += replayed
             self.counters["replay_skipped"] += sum(b.events for b in claimed) - replayed
             sent += replayed

@@ -9,6 +9,7 @@ call is :func:`run_event`, it never resolves callbacks named in Redis, and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import inspect
@@ -34,6 +35,7 @@ from rq.utils import now
 from .context import rebuilt_context
 from .event import Event, _current_event, resolve_shared_request
 from .exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch, UnknownReceiver
+from .metrics import STATS_KEY
 from .registry import receivers
 
 if TYPE_CHECKING:
@@ -125,10 +127,25 @@ def run_event(payload: Any) -> None:
     job = get_current_job()
     attempt = job.attempt if isinstance(job, SignalJob) else 1
     app = _worker_app_or_fail()
+    started = time.perf_counter()
     try:
         execute_event(app, payload, attempt)
+    except Exception as exc:
+        _log_event(payload, attempt, started, "failed", exc)
+        _count(job, "failed")
+        raise
+    else:
+        _log_event(payload, attempt, started, "handled", None)
+        _count(job, "handled")
     finally:
         _send_emitted(app)
+
+
+def _count(job: Job | None, outcome: str) -> None:
+    if job is not None:
+        # RQ's own bookkeeping of this job reports Redis being away, if it is.
+        with contextlib.suppress(redis.RedisError):
+            job.connection.hincrby(STATS_KEY, outcome, 1)
 
 
 def run_events(payloads: Any, requests: Any = None) -> None:
@@ -152,15 +169,23 @@ def run_events(payloads: Any, requests: Any = None) -> None:
         if index in marks.done:
             continue
         receiver = None
+        started = time.perf_counter()
         try:
             payload = resolve_shared_request(payload, requests)
             event, receiver = resolve_event(payload, attempt)
             with event_timeout(receiver.timeout or state_timeout(app)):
                 run_resolved(app, event, receiver)
         except EventRejected as exc:  # retrying cannot help: straight to the failed registry
+            _log_event(payload, attempt, started, "rejected", exc)
+            marks.failed += 1
             record_failed_event(app, job, payload, receiver, attempt, _exc_text(exc), retryable=False)
         except Exception as exc:
+            _log_event(payload, attempt, started, "failed", exc)
+            marks.failed += 1
             record_failed_event(app, job, payload, receiver, attempt, _exc_text(exc), retryable=True)
+        else:
+            _log_event(payload, attempt, started, "handled", None)
+            marks.handled += 1
         marks.add(index)
     _send_emitted(app)
     marks.flush()
@@ -235,6 +260,29 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
     return outcome.get("value")
 
 
+events_logger = logging.getLogger("signal_queue.events")
+
+
+def _log_event(payload: Any, attempt: int, started: float, outcome: str, exc: BaseException | None) -> None:
+    """One structured line per event run: id, signal, receiver, attempt, duration, outcome."""
+    if not events_logger.isEnabledFor(logging.INFO):
+        return
+    data = payload if isinstance(payload, dict) else {}
+    fields = {
+        "event_id": data.get("id"),
+        "signal": data.get("signal"),
+        "receiver": data.get("receiver"),
+        "attempt": attempt,
+        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+        "outcome": outcome,
+    }
+    if exc is not None:
+        fields["error"] = f"{type(exc).__name__}: {exc}"
+    events_logger.info(
+        " ".join(f"{k}={v}" for k, v in fields.items()), extra={"signal_queue": fields}
+    )
+
+
 def state_timeout(app: Flask) -> int:
     from .emit import state_for
 
@@ -282,6 +330,8 @@ class _DoneMarks:
         self.job = job
         self.key = f"sq:done:{job.id}" if job is not None else None
         self.done: set[int] = set()
+        self.handled = 0
+        self.failed = 0
         self._unsaved: list[int] = []
         if job is not None and self.key is not None and attempt > 1:
             self.done = {int(i) for i in job.connection.smembers(self.key)}
@@ -305,7 +355,12 @@ class _DoneMarks:
                 with self.job.connection.pipeline(transaction=False) as pipe:
                     pipe.sadd(self.key, *self._unsaved)
                     pipe.expire(self.key, self.TTL)
+                    if self.handled:
+                        pipe.hincrby(STATS_KEY, "handled", self.handled)
+                    if self.failed:
+                        pipe.hincrby(STATS_KEY, "failed", self.failed)
                     pipe.execute()
+                self.handled = self.failed = 0
                 break
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 logger.warning("signal_queue: cannot save done marks of job %s (%s); retrying", self.job.id, exc)

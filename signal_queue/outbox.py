@@ -73,6 +73,7 @@ class Outbox:
 
     def put(self, event: PendingEvent) -> None:
         """Accept one event; never blocks on Redis in the background mode."""
+        self.dispatcher.counters["emitted"] += 1
         holds = self.mode == "after_response" or event.receiver.discard_if_failed
         if not holds:
             if self.mode != "background":

@@ -131,6 +131,12 @@ class Spool:
             row = db.execute("SELECT COUNT(*), COALESCE(SUM(events), 0) FROM batches").fetchone()
         return int(row[0]), int(row[1])
 
+    def purge(self) -> None:
+        """Delete every batch (an operator's decision, after a confirmation)."""
+        if os.path.exists(self.path):
+            with self._db() as db:
+                db.execute("DELETE FROM batches")
+
     def close(self) -> None:
         with self._lock:
             if self._conn is not None:

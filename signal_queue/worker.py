@@ -221,6 +221,16 @@ def load_app(import_path: str | None) -> Flask:
     return ScriptInfo(app_import_path=path, set_debug_flag=False).load_app()
 
 
+def _log_to_stderr(level: str) -> None:
+    """signal_queue's own log lines (one per event, outages) next to RQ's, unless the app set up logging."""
+    root = logging.getLogger("signal_queue")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(level.upper())
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="worker.py", description="Run an RQ worker for a Flask app's @deferred signal receivers."
@@ -240,6 +250,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None, app: Flask | None = None) -> int:
     """Entry point of ``python worker.py`` and, with the app already loaded, ``flask signal-queue worker``."""
     args = parse_args(argv)
+    _log_to_stderr(args.logging_level)
     try:
         run_worker(
             app or load_app(args.app),

@@ -185,3 +185,50 @@ def test_emits_with_redis_up_touch_no_disk(tmp_path: Path, conn: redis.Redis) ->
     drain(app)
     assert queued_events(conn) == 50
     assert not spool.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_metrics_logs_and_purge(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
+    """Counters in Prometheus text, one log line per event from the worker, purge with confirmation."""
+    app = create_app()
+    with app.app_context():
+        misc.send("x", value="a")
+        misc.send("x", value="b")
+        fixable.send("x", order_id=1)
+    drain(app)
+    out = run_worker(APP, redis_url)
+    assert "signal_queue.events INFO event_id=" in out.stderr
+    assert "signal=misc receiver=tests.misc_app:on_misc attempt=1 duration_ms=" in out.stderr
+    assert "outcome=handled" in out.stderr
+    assert "receiver=tests.misc_app:on_fixable attempt=1" in out.stderr and "outcome=failed" in out.stderr
+    assert "error=RuntimeError: order 1: bug not fixed yet" in out.stderr
+
+    spool = tmp_path / "spool.sqlite3"
+    metrics = flask_cli(redis_url, spool, "metrics").stdout
+    assert "# TYPE signal_queue_enqueued_total counter" in metrics
+    assert "\nsignal_queue_enqueued_total 3\n" in metrics
+    assert "\nsignal_queue_handled_total 2\n" in metrics
+    assert "\nsignal_queue_failed_total 1\n" in metrics
+    assert "\nsignal_queue_spool_events 0\n" in metrics
+
+    assert flask_cli(redis_url, spool, "purge").returncode != 0, "purge needs to be told what"
+    refused = flask_cli(redis_url, spool, "purge", "--failed")  # no input: the confirmation says no
+    assert refused.returncode != 0 and "Delete 1 failed event(s) for good?" in refused.stdout
+    assert conn.zcard("rq:failed:signals") == 1
+    done = flask_cli(redis_url, spool, "purge", "--failed", "--yes")
+    assert done.returncode == 0 and "purged 1 failed event(s)" in done.stdout
+    assert conn.zcard("rq:failed:signals") == 0
+
+
+def test_metrics_view_serves_prometheus_text(conn: redis.Redis) -> None:
+    """metrics_view mounted on the app serves the same text."""
+    from signal_queue.metrics import metrics_view
+
+    app = create_app()
+    app.add_url_rule("/metrics", view_func=metrics_view)
+    app.test_client().get("/emit/one")
+    drain(app)
+    response = app.test_client().get("/metrics")
+    assert response.status_code == 200 and response.mimetype == "text/plain"
+    body = response.get_data(as_text=True)
+    assert "\nsignal_queue_enqueued_total 1\n" in body
+    assert "\nsignal_queue_process_emitted_total 1\n" in body
