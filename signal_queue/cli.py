@@ -101,11 +101,9 @@ def requeue_command(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def info_command(as_json: bool) -> None:
     """Queues, workers, failed events, the outage spool and the registered receivers."""
-    from rq import Queue, Worker
-    from rq.serializers import JSONSerializer
+    from rq import Worker
 
     from .emit import state_for
-    from .jobs import SignalJob
     from .registry import receivers
     from .worker import safe_url
 
@@ -113,7 +111,7 @@ def info_command(as_json: bool) -> None:
     conn = state.connection
     queues: list[dict[str, Any]] = []
     for name in state.queue_names():
-        rq_queue = Queue(name, connection=conn, serializer=JSONSerializer, job_class=SignalJob)
+        rq_queue = state.dispatcher.queue(name)
         queues.append(
             {
                 "name": name,
@@ -198,17 +196,12 @@ def metrics_command() -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge_command(what: str | None, yes: bool) -> None:
     """Delete failed events, waiting events or the spool. Asks first: what is purged is gone."""
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
     from .emit import state_for
-    from .jobs import SignalJob
 
     if what is None:
         raise click.UsageError("say what to purge: --failed, --queued or --spool")
     state = state_for(current_app)
-    queues = [Queue(n, connection=state.connection, serializer=JSONSerializer, job_class=SignalJob)
-              for n in state.queue_names()]
+    queues = [state.dispatcher.queue(n) for n in state.queue_names()]
     if what == "spool":
         count = state.dispatcher.spool.depth()[1]
     elif what == "failed":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from rq import Queue
@@ -29,6 +29,28 @@ def receivers_of(job: Job) -> set[str]:
     return {""}
 
 
+def iter_failed(
+    state: SignalQueueState,
+    queue_names: Iterable[str],
+    *,
+    receiver: str | None = None,
+    ids: set[str] | None = None,
+) -> Iterator[tuple[Queue, Job]]:
+    """The failed jobs of ``queue_names`` (with their queue), filtered by receiver and id."""
+    for name in queue_names:
+        queue = state.dispatcher.queue(name)
+        for job_id in queue.failed_job_registry.get_job_ids():
+            if ids and job_id not in ids:
+                continue
+            try:
+                job = SignalJob.fetch(job_id, connection=state.connection, serializer=JSONSerializer)
+            except NoSuchJobError:
+                continue
+            if receiver and receiver not in receivers_of(job):
+                continue
+            yield queue, job
+
+
 def requeue_failed(
     state: SignalQueueState,
     queue_names: Iterable[str],
@@ -42,22 +64,11 @@ def requeue_failed(
     Uses RQ's ``FailedJobRegistry.requeue``, so the job keeps its id and history.
     """
     requeued = []
-    for name in queue_names:
-        queue = Queue(name, connection=state.connection, serializer=JSONSerializer, job_class=SignalJob)
-        registry = queue.failed_job_registry
-        for job_id in registry.get_job_ids():
-            if ids and job_id not in ids:
-                continue
-            try:
-                job = SignalJob.fetch(job_id, connection=state.connection, serializer=JSONSerializer)
-            except NoSuchJobError:
-                continue
-            if receiver and receiver not in receivers_of(job):
-                continue
-            registry.requeue(job_id)
-            requeued.append(job_id)
-            if progress is not None:
-                progress(len(requeued))
+    for queue, job in iter_failed(state, queue_names, receiver=receiver, ids=ids):
+        queue.failed_job_registry.requeue(job.id)
+        requeued.append(job.id)
+        if progress is not None:
+            progress(len(requeued))
     return requeued
 
 
@@ -66,38 +77,30 @@ def failed_events(
 ) -> list[dict[str, Any]]:
     """One row per failed job: its event's signal, receiver, request path, user, request id and error."""
     rows: list[dict[str, Any]] = []
-    for name in queue_names:
-        queue = Queue(name, connection=state.connection, serializer=JSONSerializer, job_class=SignalJob)
-        for job_id in queue.failed_job_registry.get_job_ids():
-            try:
-                job = SignalJob.fetch(job_id, connection=state.connection, serializer=JSONSerializer)
-            except NoSuchJobError:
-                continue
-            if receiver and receiver not in receivers_of(job):
-                continue
-            result = job.latest_result()
-            error = (result.exc_string or "") if result is not None else ""
-            event: dict[str, Any] = {}
-            try:
-                if job.func_name == RUN_EVENT and isinstance(job.args[0], dict):
-                    event = job.args[0]
-            except Exception:
-                event = {}
-            raw_request = event.get("request")
-            request: dict[str, Any] = raw_request if isinstance(raw_request, dict) else {}
-            rows.append(
-                {
-                    "job_id": job_id,
-                    "queue": name,
-                    "events": 1 if job.func_name == RUN_EVENT else len(receivers_of(job)),
-                    "signal": event.get("signal"),
-                    "receiver": event.get("receiver") or ", ".join(sorted(receivers_of(job) - {""})) or None,
-                    "path": request.get("path"),
-                    "user": request.get("user"),
-                    "request_id": request.get("request_id"),
-                    "emitted_at": event.get("emitted_at"),
-                    "ended_at": job.ended_at.isoformat() if job.ended_at else None,
-                    "error": error.strip().splitlines()[-1] if error.strip() else "",
-                }
-            )
+    for queue, job in iter_failed(state, queue_names, receiver=receiver):
+        result = job.latest_result()
+        error = (result.exc_string or "") if result is not None else ""
+        event: dict[str, Any] = {}
+        try:
+            if job.func_name == RUN_EVENT and isinstance(job.args[0], dict):
+                event = job.args[0]
+        except Exception:
+            event = {}
+        raw_request = event.get("request")
+        request: dict[str, Any] = raw_request if isinstance(raw_request, dict) else {}
+        rows.append(
+            {
+                "job_id": job.id,
+                "queue": queue.name,
+                "events": 1 if job.func_name == RUN_EVENT else len(receivers_of(job)),
+                "signal": event.get("signal"),
+                "receiver": event.get("receiver") or ", ".join(sorted(receivers_of(job) - {""})) or None,
+                "path": request.get("path"),
+                "user": request.get("user"),
+                "request_id": request.get("request_id"),
+                "emitted_at": event.get("emitted_at"),
+                "ended_at": job.ended_at.isoformat() if job.ended_at else None,
+                "error": error.strip().splitlines()[-1] if error.strip() else "",
+            }
+        )
     return rows
