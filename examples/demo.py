@@ -9,6 +9,7 @@ demo starts, it stops; it exits 0 when the worker wrote the expected lines.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -89,9 +90,15 @@ def main() -> int:
     env = dict(os.environ, SIGNAL_QUEUE_REDIS_URL=url, PYTHONPATH=os.pathsep.join([str(ARTICLE), str(ROOT)]))
     port = free_port()
     try:
+        # The same processes as docker-compose.yml: gunicorn when installed, else Flask's server.
+        if importlib.util.find_spec("gunicorn") is not None:
+            server = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+                      "--log-level", "warning", "application:app"]
+        else:
+            server = [sys.executable, "-m", "flask", "--app", "application:app", "run", "--port", str(port),
+                      "--no-reload"]
         app = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", "application:app", "run", "--port", str(port), "--no-reload"],
-            cwd=workdir / "app", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            server, cwd=workdir / "app", env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         started.append(app)
         worker = subprocess.Popen(
@@ -101,7 +108,7 @@ def main() -> int:
         started.append(worker)
         base = f"http://127.0.0.1:{port}"
         wait_for("the app", lambda: up(f"{base}/dashboard?user=warmup"))
-        say(f"app on {base}, worker pid {worker.pid}, logs written in {workdir / 'worker'}")
+        say(f"app ({Path(server[2]).name}) on {base}, worker pid {worker.pid}, logs written in {workdir / 'worker'}")
 
         for path in ("/dashboard?user=alice", "/dashboard?user=bob", "/compute"):
             say(f"GET {path} -> {get(base + path)}")

@@ -128,9 +128,12 @@ def info_command(as_json: bool) -> None:
         for w in Worker.all(connection=conn)
         if names & set(w.queue_names())
     ]
+    from .metrics import totals
+
     batches, events = state.dispatcher.spool.depth()
     data: dict[str, Any] = {
         "redis": safe_url(state.redis_url),
+        "counters": totals(conn),
         "queues": queues,
         "workers": workers,
         "spool": {"path": state.dispatcher.spool.path, "batches": batches, "events": events},
