@@ -17,6 +17,7 @@ from signal_queue import SignalQueue, current_event, deferred
 
 bus = Namespace()
 fault = bus.signal("fault")
+fault_audit = bus.signal("fault-audit")
 slow_once = bus.signal("slow-once")
 K = 3
 
@@ -27,8 +28,10 @@ def create_app() -> Flask:
 
     @app.route("/emit/<int:n>")
     def emit(n: int) -> str:
-        for k in range(K):
+        # several signals per request: K - 1 on one, the last on another
+        for k in range(K - 1):
             fault.send("view", n=n, k=k)
+        fault_audit.send("view", n=n, k=K - 1)
         return "ok"
 
     @app.route("/stats")
@@ -50,6 +53,11 @@ def _log(line: str) -> None:
 
 @deferred(fault)
 def on_fault(sender: Any, n: int, k: int) -> None:
+    _log(f"{n} {k} {current_event.id} {current_event.attempt}")
+
+
+@deferred(fault_audit)
+def on_fault_audit(sender: Any, n: int, k: int) -> None:
     _log(f"{n} {k} {current_event.id} {current_event.attempt}")
 
 
