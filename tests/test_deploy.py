@@ -76,6 +76,9 @@ def test_compose_environment_is_documented() -> None:
         for key in (svc.get("environment") or {}):
             assert f"`{key}`" in readme, key
     assert "redis-data" in COMPOSE["volumes"]
+    app = COMPOSE["services"]["app"]
+    spool_dir = app["environment"]["SIGNAL_QUEUE_SPOOL_PATH"].rsplit("/", 1)[0]
+    assert f"app-spool:{spool_dir}" in app["volumes"], "the spool lives on a named volume"
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
