@@ -76,9 +76,11 @@ def test_compose_environment_is_documented() -> None:
         for key in (svc.get("environment") or {}):
             assert f"`{key}`" in readme, key
     assert "redis-data" in COMPOSE["volumes"]
-    app = COMPOSE["services"]["app"]
-    spool_dir = app["environment"]["SIGNAL_QUEUE_SPOOL_PATH"].rsplit("/", 1)[0]
-    assert f"app-spool:{spool_dir}" in app["volumes"], "the spool lives on a named volume"
+    for name, volume in (("app", "app-spool"), ("worker", "worker-spool")):
+        svc = COMPOSE["services"][name]
+        spool_dir = svc["environment"]["SIGNAL_QUEUE_SPOOL_PATH"].rsplit("/", 1)[0]
+        assert f"{volume}:{spool_dir}" in svc["volumes"], f"{name}'s spool lives on a named volume"
+        assert volume in COMPOSE["volumes"]
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
