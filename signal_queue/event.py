@@ -98,39 +98,6 @@ class Event:
     def with_attempt(self, attempt: int) -> Event:
         return replace(self, attempt=attempt)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON form stored in the RQ job."""
-        data: dict[str, Any] = {
-            "v": FORMAT_VERSION,
-            "id": self.id,
-            "signal": self.signal,
-            "receiver": self.receiver,
-            "emitted_at": self.emitted_at.isoformat(),
-            "sender": self.sender,
-            "kwargs": self.kwargs,
-            "request": None,
-            "g": self.g,
-        }
-        if self.request is not None:
-            r = self.request
-            data["request"] = {
-                "method": r.method,
-                "scheme": r.scheme,
-                "host": r.host,
-                "root_path": r.root_path,
-                "path": r.path,
-                "query_string": r.query_string,
-                "url": r.url,
-                "endpoint": r.endpoint,
-                "view_args": r.view_args,
-                "headers": [list(h) for h in r.headers],
-                "remote_addr": r.remote_addr,
-                "client_ip": r.client_ip,
-                "request_id": r.request_id,
-                "user": r.user,
-            }
-        return data
-
     @classmethod
     def from_dict(cls, data: Any) -> Event:
         """Validate and build an event from its JSON form; raise :class:`MalformedEvent`."""

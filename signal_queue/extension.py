@@ -108,7 +108,6 @@ class SignalQueueState:
         self.outbox = Outbox(
             app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
         )
-        self._app_name = app.name
         #: An active signal_queue.testing capture, which takes events instead of the outbox.
         self.capture: EventCapture | None = None
 
