@@ -67,13 +67,13 @@ def build_event(
     size = 0
     for value in kwargs.values():
         if type(value) is str:
-            size += len(value)
+            size += _json_size_bound(value)
         elif type(value) not in _PLAIN:
             encoded = _encode_kwargs(codec, receiver, kwargs)
-            size = len(json.dumps(encoded))
+            size = _json_size_bound(encoded)
             break
     if size > state.max_event_bytes:
-        _refuse_size(state, receiver, encoded)
+        _refuse_size(state, receiver, encoded)  # measures exactly, raises only if really over
     app_ctx = _cv_app.get(None)
     g_obj = app_ctx.g if app_ctx is not None else None
     raw = capture_request(state.trusted_proxies)
@@ -86,6 +86,23 @@ def build_event(
         {} if g_obj is None else capture_g(codec, g_obj),
         None if raw is None or g_obj is None else current_user_id(app, g_obj),
     )
+
+
+def _json_size_bound(value: Any) -> int:
+    """About the size of ``value`` (already encoded) as JSON, without encoding it on the request thread.
+
+    Exact for ASCII text, an upper bound for other text (``\\uXXXX``), a few bytes
+    under for ASCII that JSON escapes; numbers count 8. Only when it exceeds the
+    cap does :func:`_refuse_size` pay for ``json.dumps``.
+    """
+    kind = type(value)
+    if kind is str:
+        return len(value) + 2 if value.isascii() else 6 * len(value) + 2
+    if kind is dict:
+        return 2 + sum(len(k) + 4 + _json_size_bound(v) for k, v in value.items())
+    if kind is list:
+        return 2 + sum(_json_size_bound(v) + 1 for v in value)
+    return 8
 
 
 def _refuse_size(state: SignalQueueState, receiver: DeferredReceiver, encoded: dict[str, Any]) -> None:
