@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 import os
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -206,6 +207,11 @@ class PendingEvent:
             "request": request,
             "g": self.g,
         }
+
+
+def received_form(event: PendingEvent, codec: Codec) -> dict[str, Any]:
+    """``event`` as a worker receives it: through ``json.dumps``/``json.loads`` (eager mode, tests)."""
+    return json.loads(json.dumps(event.to_dict(codec)))  # type: ignore[no-any-return]
 
 
 def resolve_shared_request(payload: Any, shared: Any) -> Any:

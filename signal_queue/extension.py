@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -12,7 +11,7 @@ from flask import Flask
 
 from .decorators import make_retry
 from .enqueue import Dispatcher
-from .event import PendingEvent
+from .event import PendingEvent, received_form
 from .exceptions import ConfigurationError
 from .outbox import DELIVERY_MODES, Outbox, install_request_hooks
 from .serialization import Codec
@@ -138,8 +137,7 @@ class SignalQueueState:
         """Eager mode: run the handler now, after the same JSON round trip a worker sees."""
         from .jobs import execute_event
 
-        payload = json.loads(json.dumps(event.to_dict(self.codec)))
-        execute_event(app, payload)
+        execute_event(app, received_form(event, self.codec))
 
 
 class SignalQueue:

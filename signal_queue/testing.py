@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Flask
 
 from .emit import state_for
-from .event import PendingEvent
+from .event import PendingEvent, received_form
 
 if TYPE_CHECKING:
     from .extension import SignalQueueState
@@ -91,7 +91,7 @@ class EventCapture:
         self._undrained: list[CapturedEvent] = []
 
     def add(self, event: PendingEvent, state: SignalQueueState) -> None:
-        captured = CapturedEvent(json.loads(json.dumps(event.to_dict(state.codec))))
+        captured = CapturedEvent(received_form(event, state.codec))
         self.events.append(captured)
         self._undrained.append(captured)
 
