@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
 from .event import PendingEvent, new_id
@@ -179,20 +180,25 @@ class Dispatcher:
         The marker ``sq:sent:<job id>`` lets a replay tell a batch that did reach
         Redis (the reply was lost) from one that did not.
         """
+        by_queue: dict[str, list[EnqueueData]] = defaultdict(list)
+        for b in batches:
+            by_queue[b.queue].append(
+                Queue.prepare_data(
+                    RUN_EVENTS,
+                    args=tuple(b.job["args"]),
+                    timeout=b.job["timeout"],
+                    result_ttl=b.job["result_ttl"],
+                    failure_ttl=b.job["failure_ttl"],
+                    description=b.job["description"],
+                    job_id=b.job_id,
+                    retry=Retry(max=BATCH_RETRIES),
+                )
+            )
         try:
             with self.connection.pipeline(transaction=True) as pipe:
+                for name, datas in by_queue.items():
+                    self.queue(name).enqueue_many(datas, pipeline=pipe)
                 for b in batches:
-                    data = Queue.prepare_data(
-                        RUN_EVENTS,
-                        args=tuple(b.job["args"]),
-                        timeout=b.job["timeout"],
-                        result_ttl=b.job["result_ttl"],
-                        failure_ttl=b.job["failure_ttl"],
-                        description=b.job["description"],
-                        job_id=b.job_id,
-                        retry=Retry(max=BATCH_RETRIES),
-                    )
-                    self.queue(b.queue).enqueue_many([data], pipeline=pipe)
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
                 pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
                 pipe.execute()
