@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from flask import Flask
@@ -40,8 +40,49 @@ JOB_HEARTBEAT_TTL = 30  # SIGNAL_QUEUE_ABANDONED_AFTER; renewed every third of i
 MAINTENANCE_INTERVAL = 15  # SIGNAL_QUEUE_MAINTENANCE_INTERVAL
 
 
+# Front of the queue is the left end: RQ pushes at_front jobs with LPUSH and takes from the left.
+# KEYS: intermediate list, queue, first-seen key, started registry; ARGV: job id, its stale executions.
+_RETURN_UNTAKEN = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('DEL', KEYS[3])
+  for i = 2, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
+  redis.call('LPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+#: Seconds RQ's per-queue maintenance lock lives (RQ: 899). A worker killed, or Redis restarted,
+#: in the middle of a clean-up leaves it held; no one recovers abandoned jobs until it expires.
+MAINTENANCE_LOCK_TTL = 60
+
+
+class WorkerQueue(Queue):
+    """RQ's Queue as our workers use it: a one-minute maintenance lock, and a note of the job taken.
+
+    ``taken`` is the job this process's worker took from a queue and has not
+    finished (a worker process runs one worker at a time). It is noted at the
+    moment RQ takes it, so that a worker which loses Redis before or while
+    starting the job knows what to put back (see SignalWorker.return_untaken_job).
+    """
+
+    taken: ClassVar[tuple[str, Queue] | None] = None
+
+    def acquire_maintenance_lock(self) -> bool:
+        return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_TTL))
+
+    @classmethod
+    def dequeue_any(cls, *args: Any, **kwargs: Any) -> tuple[Job, Queue] | None:
+        result = super().dequeue_any(*args, **kwargs)
+        if result is not None:
+            WorkerQueue.taken = (result[0].id, result[1])
+        return result
+
+
 class _SignalWorkerDefaults:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("queue_class", WorkerQueue)
         kwargs.setdefault("job_class", SignalJob)
         kwargs.setdefault("serializer", JSONSerializer)
         kwargs.setdefault("maintenance_interval", MAINTENANCE_INTERVAL)
@@ -61,7 +102,17 @@ class SignalWorker(_SignalWorkerDefaults, SimpleWorker):
 
     heartbeat_ttl = JOB_HEARTBEAT_TTL
 
+    @property
+    def taking(self) -> tuple[str, Queue] | None:
+        """The job taken from the queue and not finished yet (see return_untaken_job)."""
+        return WorkerQueue.taken
+
+    @taking.setter
+    def taking(self, value: tuple[str, Queue] | None) -> None:
+        WorkerQueue.taken = value
+
     def execute_job(self, job: Job, queue: Queue) -> None:
+        self.taking = (job.id, queue)
         execution = self.prepare_execution(job)
         stop = threading.Event()
         beat = threading.Thread(
@@ -73,7 +124,35 @@ class SignalWorker(_SignalWorkerDefaults, SimpleWorker):
         finally:
             stop.set()
             beat.join()
+        self.taking = None
         self.set_state(WorkerStatus.IDLE)
+
+    def return_untaken_job(self) -> str | None:
+        """After Redis came back: put the job this worker took but never started back on its queue.
+
+        RQ moves a taken job to the queue's intermediate list and out of it in the
+        atomic transaction that starts it. A worker that lost Redis in between
+        leaves it there, and RQ's clean-up returns it only after a minute; this
+        worker knows the job, so it returns it at once.
+        """
+        if self.taking is None:
+            return None
+        job_id, queue = self.taking
+        self.taking = None
+        keys = [
+            queue.intermediate_queue_key,
+            queue.key,
+            queue.intermediate_queue.get_first_seen_key(job_id),
+            queue.started_job_registry.key,
+        ]
+        # RQ registers the execution before it starts the job: an entry left by this worker
+        # would later look abandoned while another worker runs the job, and run it twice.
+        stale = [f"{job_id}:{execution_id}" for execution_id in self.executions]
+        self.executions.clear()
+        # One script, so the job is in one list or the other whatever happens to Redis meanwhile.
+        if not self.connection.eval(_RETURN_UNTAKEN, len(keys), *keys, job_id, *stale):
+            return None  # it was started (the started registry recovers it) or already returned
+        return job_id
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
         while not stop.wait(max(self.heartbeat_ttl / 3, 0.5)):
@@ -174,6 +253,9 @@ def run_worker(
             return False
         wait_for_redis(redis_url)
         logger.warning("signal_queue: Redis answers again; starting a new worker")
+        if isinstance(worker, SignalWorker) and (returned := worker.return_untaken_job()):
+            logger.warning("signal_queue: job %s, taken but never started when Redis went away, is queued again",
+                           returned)
 
 
 def _stopping(worker: Worker | SimpleWorker) -> bool:
