@@ -251,6 +251,9 @@ class Dispatcher:
                 self.spool.release(claimed)
                 logger.warning("signal_queue: replay of the spool stopped, Redis failed again: %s", exc)
                 return sent
+            except BaseException:
+                self.spool.release(claimed)  # not left claimed for CLAIM_TIMEOUT
+                raise
             self.breaker.succeeded()
             self.spool.delete(claimed)
             replayed = sum(b.events for b in fresh)

@@ -173,21 +173,29 @@ class Outbox:
         self._wake = threading.Event()
 
     def _run(self) -> None:
-        dispatcher = self.dispatcher
         while not self._closed:
+            try:
+                self._step()
+            except Exception:
+                # A dead sender would silently stop every later event of this process.
+                logger.exception("signal_queue: the sender failed; it carries on in 1 s")
+                time.sleep(1.0)
+
+    def _step(self) -> None:
+        dispatcher = self.dispatcher
+        if not self._pending:
+            if dispatcher.spool_dirty and dispatcher.breaker.allow():
+                dispatcher.replay()  # Redis is back (or may be): send what was spooled
+            # Idle is announced before the last look, so an event put after
+            # that look always finds _idle set and wakes us.
+            self._idle = True
             if not self._pending:
-                if dispatcher.spool_dirty and dispatcher.breaker.allow():
-                    dispatcher.replay()  # Redis is back (or may be): send what was spooled
-                # Idle is announced before the last look, so an event put after
-                # that look always finds _idle set and wakes us.
-                self._idle = True
-                if not self._pending:
-                    self._wake.wait(max(dispatcher.breaker.retry_in, 0.05) if dispatcher.spool_dirty else 1.0)
-                self._idle = False
-                self._wake.clear()
-                continue
-            time.sleep(self.linger)  # let a batch gather from concurrent requests
-            self.flush()
+                self._wake.wait(max(dispatcher.breaker.retry_in, 0.05) if dispatcher.spool_dirty else 1.0)
+            self._idle = False
+            self._wake.clear()
+            return
+        time.sleep(self.linger)  # let a batch gather from concurrent requests
+        self.flush()
 
     def flush(self) -> int:
         """Send everything pending now; return how many events were taken.
