@@ -124,7 +124,7 @@ class RawRequest:
     request starts; a copy of a dict is atomic under the GIL).
     """
 
-    __slots__ = ("_snapshot", "endpoint", "environ", "request_id", "trusted_hops", "view_args")
+    __slots__ = ("_key", "_snapshot", "endpoint", "environ", "request_id", "trusted_hops", "view_args")
 
     def __init__(self, environ: dict[str, Any], endpoint: str | None, view_args: dict[str, Any], trusted_hops: int):
         self.environ = environ
@@ -133,6 +133,18 @@ class RawRequest:
         self.request_id = request_id(environ)
         self.trusted_hops = trusted_hops
         self._snapshot: dict[str, Any] | None = None
+        self._key: str | None = None
+
+    @property
+    def key(self) -> str:
+        """This request's key in a batch's table of snapshots: made by the bridge, unlike ``request_id``.
+
+        Given when first asked for, off the request thread in the background mode.
+        """
+        key = self._key
+        if key is None:
+            key = self._key = new_id()
+        return key
 
     def snapshot(self, codec: Codec, user: str | None) -> dict[str, Any]:
         """The JSON form of :class:`~signal_queue.event.RequestSnapshot` (cached but for the user)."""

@@ -26,7 +26,7 @@ from rq.serializers import JSONSerializer
 
 from .event import PendingEvent, new_id
 from .exceptions import DeliveryError
-from .jobs import RUN_EVENTS, SignalJob
+from .jobs import BATCH_RETRIES, RUN_EVENTS, SignalJob, batch_timeout
 from .metrics import STATS_KEY
 from .serialization import Codec
 from .spool import Spool, SpooledBatch
@@ -39,12 +39,6 @@ LOSS_LOG_INTERVAL = 10.0
 #: Marks a batch job as enqueued, for replays; kept this long.
 SENT_KEY = "sq:sent:{0}"
 SENT_TTL = 7 * 24 * 3600
-
-#: Times RQ runs a batch job again after it raised or its worker died (finished events are skipped).
-BATCH_RETRIES = 5
-
-#: Seconds a batch job gets beyond its events' own timeouts, for spinning failures off.
-BATCH_TIMEOUT_MARGIN = 60
 
 
 class CircuitBreaker:
@@ -162,8 +156,7 @@ class Dispatcher:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
         requests: dict[str, dict[str, Any]] = {}
         payloads = [e.to_dict(self.codec, requests) for e in events]
-        # Each event has its own alarm in the worker; the job's covers them all plus bookkeeping.
-        timeout = sum(e.receiver.timeout or self.default_timeout for e in events) + BATCH_TIMEOUT_MARGIN
+        timeout = batch_timeout(e.receiver.timeout or self.default_timeout for e in events)
         names = sorted({f"{e.receiver.signal_name} -> {e.receiver.name}" for e in events})
         job = {
             "args": [payloads, requests],

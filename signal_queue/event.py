@@ -191,9 +191,12 @@ class PendingEvent:
         """
         raw = self.raw_request
         if shared is not None and raw is not None:
-            if raw.request_id not in shared:
-                shared[raw.request_id] = raw.snapshot(codec, None)
-            request: Any = {"ref": raw.request_id, "user": self.user}
+            # Keyed by an id the bridge made for this request, never by the client's
+            # X-Request-ID: two requests may send the same one (a retry, or on purpose).
+            key = raw.key
+            if key not in shared:
+                shared[key] = raw.snapshot(codec, None)
+            request: Any = {"ref": key, "user": self.user}
         else:
             request = None if raw is None else raw.snapshot(codec, self.user)
         return {

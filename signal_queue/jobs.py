@@ -13,12 +13,13 @@ import contextlib
 import contextvars
 import datetime as dt
 import inspect
+import json
 import logging
 import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,7 @@ from rq.job import Job, JobStatus, get_current_job
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
-from rq.utils import now
+from rq.utils import as_text, now, str_to_date
 
 from .context import rebuilt_context
 from .event import Event, _current_event, resolve_shared_request
@@ -58,13 +59,37 @@ def bind_worker_app(app: Flask | None) -> None:
     _worker_app = app
 
 
+#: Times RQ runs a batch job again after it raised or its worker died (finished events are skipped).
+BATCH_RETRIES = 5
+
+#: Seconds a batch job gets beyond its events' own timeouts, for spinning failures off.
+BATCH_TIMEOUT_MARGIN = 60
+
+
+def batch_timeout(event_timeouts: Iterable[int]) -> int:
+    """A batch job's timeout: each event has its own alarm; the job's covers them all plus bookkeeping."""
+    return sum(event_timeouts) + BATCH_TIMEOUT_MARGIN
+
+
 class SignalJob(Job):
-    """An RQ job that can only run :func:`run_event`, and counts its attempts."""
+    """An RQ job that can only run :func:`run_event`/:func:`run_events`, and counts its attempts.
+
+    Redis is not a trust boundary, so loading a job is an allow-list: the job
+    hash may hold only the fields signal_queue and RQ write for such a job,
+    each of the right type, and the settings a worker acts on (timeout,
+    result and failure TTLs, retries) no larger than this worker would set.
+    Anything else (webhooks, callbacks, dependencies, repeats, unknown fields)
+    is never handed to RQ: the job loads without it and is refused when run,
+    so it lands in RQ's failed registry with the reason.
+    """
 
     _sq_attempts: int = 0
+    _refusal: str | None = None
 
     @property
     def func(self) -> Callable[..., Any]:
+        if self._refusal is not None:
+            raise EventRejected(f"job {self.id} was refused and not run: {self._refusal}")
         name = self.func_name
         if name not in _ALLOWED or self.instance is not None:
             raise UnknownReceiver(
@@ -72,6 +97,11 @@ class SignalJob(Job):
                 f"{RUN_EVENT} and {RUN_EVENTS} jobs for registered @deferred receivers"
             )
         return globals()[_ALLOWED[name]]  # type: ignore[no-any-return]
+
+    @property
+    def refusal(self) -> str | None:
+        """Why this worker will not run the job (fields or values it did not write), or None."""
+        return self._refusal
 
     # Callbacks are named in Redis too; this worker never resolves them.
     @property
@@ -96,21 +126,212 @@ class SignalJob(Job):
             ) from exc.__cause__
 
     def restore(self, raw_data: Any) -> Any:
-        result = super().restore(raw_data)
-        attempts = raw_data.get(_ATTEMPT_FIELD.encode()) or raw_data.get(_ATTEMPT_FIELD)
+        fields = {as_text(k): v for k, v in raw_data.items()}
+        problems = [f"field {name!r} {problem}" for name, problem in _field_problems(fields)]
+        clean = {name: value for name, value in fields.items() if name in _FIELDS and not _FIELDS[name](value)}
+        clean.setdefault("data", b"")
+        result = super().restore(clean)
+        attempts = clean.get(_ATTEMPT_FIELD)
         self._sq_attempts = int(attempts) if attempts else 0
+        if not problems:
+            problems = _data_problems(self)
+        if not problems and _worker_app is not None:
+            problems = _settings_problems(self, _worker_app)
+        self._refusal = "; ".join(problems) if problems else None
+        if self._refusal is not None:
+            self.retries_left = None  # a refused job can never succeed: not retried
+            if problems and not _data_readable(self):
+                # Keep the stored data as it is, for inspection; RQ's logging reads these.
+                self._func_name, self._instance, self._args, self._kwargs = RUN_EVENT, None, (), {}
         return result
 
     def prepare_for_execution(self, worker_name: str, pipeline: Any) -> None:
         # Counted in the pipeline RQ already sends, so it costs no round trip;
         # it counts every start, including one a killed worker never finished.
         super().prepare_for_execution(worker_name, pipeline)
-        pipeline.hincrby(self.key, _ATTEMPT_FIELD, 1)
+        if self._refusal is None:
+            pipeline.hincrby(self.key, _ATTEMPT_FIELD, 1)
 
     @property
     def attempt(self) -> int:
         """1 for the first run of this job, 2 for the next, and so on."""
         return self._sq_attempts + 1
+
+
+def _date(value: bytes) -> str | None:
+    if value:
+        try:
+            str_to_date(value)
+        except (TypeError, ValueError):
+            return f"is not a UTC time as RQ writes it: {value[:40]!r}"
+    return None
+
+
+def _int(least: int) -> Callable[[bytes], str | None]:
+    def check(value: bytes) -> str | None:
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            return f"must be a whole number, got {value[:40]!r}"
+        return None if number >= least else f"must be >= {least}, got {number}"
+
+    return check
+
+
+def _text(value: bytes) -> str | None:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    return None
+
+
+def _empty(value: bytes) -> str | None:
+    return None if not value else f"must be empty (signal_queue never sets it), got {value[:60]!r}"
+
+
+def _status(value: bytes) -> str | None:
+    try:
+        JobStatus(as_text(value))
+    except ValueError:
+        return f"is not an RQ job status: {value[:40]!r}"
+    return None
+
+
+def _int_list(value: bytes) -> str | None:
+    try:
+        items = json.loads(value)
+    except ValueError:
+        items = None
+    if not isinstance(items, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+        return f"must be a JSON list of whole numbers >= 0, got {value[:60]!r}"
+    return None
+
+
+def _flag(value: bytes) -> str | None:
+    return None if value in (b"0", b"1") else f"must be 0 or 1, got {value[:40]!r}"
+
+
+def _anything(value: bytes) -> str | None:
+    return None
+
+
+#: Every field a signal_queue job hash may hold (what the bridge and RQ write for such
+#: a job over its life), with its check. Nothing else is read: see SignalJob.
+_FIELDS: dict[str, Callable[[bytes], str | None]] = {
+    "data": _anything,  # checked once decoded (_data_problems)
+    "created_at": _date,
+    "enqueued_at": _date,
+    "started_at": _date,
+    "ended_at": _date,
+    "last_heartbeat": _date,
+    "origin": _text,
+    "description": _text,
+    "worker_name": _text,
+    "status": _status,
+    "success_callback_name": _empty,
+    "failure_callback_name": _empty,
+    "stopped_callback_name": _empty,
+    "group_id": _empty,
+    "timeout": _int(1),
+    "result_ttl": _int(-1),
+    "failure_ttl": _int(1),
+    "retries_left": _int(0),
+    "number_of_retries": _int(0),
+    "retry_intervals": _int_list,
+    "enqueue_at_front": _flag,
+    "enqueue_at_front_on_retry": _flag,
+    "meta": _anything,  # read with the JSON serializer, never pickle
+    "result": _anything,  # likewise
+    "exc_info": _anything,  # text
+    _ATTEMPT_FIELD: _int(0),
+}
+
+
+def _field_problems(fields: dict[str, Any]) -> list[tuple[str, str]]:
+    problems = []
+    if "data" not in fields:
+        problems.append(("data", "is missing: the job hash carries no event"))
+    for name, value in sorted(fields.items()):
+        check = _FIELDS.get(name)
+        if check is None:
+            problems.append((name, "is not one that signal_queue writes (the job was changed in Redis)"))
+        elif (problem := check(value)) is not None:
+            problems.append((name, problem))
+    return problems
+
+
+def _data_readable(job: Job) -> bool:
+    try:
+        job.func_name  # noqa: B018 -- decodes the data
+    except DeserializationError:
+        return False
+    return True
+
+
+def _data_problems(job: Job) -> list[str]:
+    """What is wrong with the job's call: the function, instance and arguments it names."""
+    try:
+        name, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
+    except DeserializationError as exc:
+        return [f"its data is not a JSON job written by signal_queue ({exc.__cause__!r})"]
+    if name not in _ALLOWED or instance is not None:
+        return [f"field 'data' names function {name!r}; a signal_queue worker runs only {RUN_EVENT} and {RUN_EVENTS}"]
+    arity = (1,) if name == RUN_EVENT else (1, 2)
+    if not isinstance(args, list) or len(args) not in arity or kwargs:
+        return [f"field 'data' does not hold the arguments of {name}"]
+    return []
+
+
+def _settings_problems(job: SignalJob, app: Flask) -> list[str]:
+    """Settings the worker would act on that are larger than it sets itself (a job cannot outlive its
+    TTLs, outrun its alarm or retry more than its receiver allows because Redis said so)."""
+    from .emit import state_for
+
+    dispatcher = state_for(app).dispatcher
+    timeouts, retries = _event_limits(job, dispatcher.default_timeout)
+    limits = {
+        "timeout": (job.timeout, timeouts),
+        "result_ttl": (job.result_ttl, dispatcher.result_ttl),
+        "failure_ttl": (job.failure_ttl, dispatcher.failure_ttl),
+        "retries_left": (job.retries_left, retries),
+    }
+    problems = []
+    for name, (value, most) in limits.items():
+        if value is None:
+            continue
+        if (most == -1 and value != -1) or (most != -1 and (value == -1 or int(value) > most)):
+            problems.append(f"field {name!r} is {value}, more than this worker sets ({most})")
+    return problems
+
+
+def _event_limits(job: Job, default_timeout: int) -> tuple[int, int]:
+    """The timeout and retries this worker gives the job's events (a batch, or one event)."""
+    events = job.args[0] if job.func_name == RUN_EVENTS else [job.args[0]]
+    if not isinstance(events, list):
+        return 0, 0
+    longest = max([default_timeout, *(r.timeout or 0 for r in receivers)])
+    timeouts, most_retries = [], 0
+    for payload in events:
+        data = payload if isinstance(payload, dict) else {}
+        try:
+            receiver = receivers.get(str(data.get("receiver")), str(data.get("signal")))
+        except UnknownReceiver:
+            timeouts.append(longest)  # it is rejected when run; this bound only caps the alarm
+            continue
+        timeouts.append(receiver.timeout or default_timeout)
+        retry = receiver.retry
+        most_retries = max(most_retries, retry.max if retry is not None else 0)
+    if job.func_name == RUN_EVENTS:
+        return batch_timeout(timeouts), BATCH_RETRIES
+    return timeouts[0], max(most_retries, _default_retries())
+
+
+def _default_retries() -> int:
+    from .emit import state_for
+
+    retry = state_for(_worker_app).default_retry if _worker_app is not None else None
+    return retry.max if retry is not None else 0
 
 
 def _worker_app_or_fail() -> Flask:

@@ -29,6 +29,9 @@ from werkzeug.wrappers import Response
 
 TAG = "__sq__"
 REDACTED = "[REDACTED]"
+#: Deepest nesting of lists, dicts and tagged values carried: deeper data is refused at emit
+#: (and in the worker) with its key path, not with a ``RecursionError`` from inside the codec.
+MAX_DEPTH = 100
 JSONScalar = (str, int, float, bool, type(None))
 
 
@@ -131,30 +134,32 @@ class Codec:
     def __init__(self, redact_headers: Iterable[str] = (), max_body: int = 64 * 1024) -> None:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
         self.max_body = max_body
-        self._encoders: list[tuple[type | tuple[type, ...], Callable[[Any, str], Any]]] = [
-            (BaseException, lambda v, k: self.encode_exception(v)),
-            (Flask, lambda v, k: {TAG: "app"}),
+        self._encoders: list[tuple[type | tuple[type, ...], Callable[[Any, str, int], Any]]] = [
+            (BaseException, lambda v, k, d: self.encode_exception(v)),
+            (Flask, lambda v, k, d: {TAG: "app"}),
             (Response, self._encode_response),
-            (Template, lambda v, k: {TAG: "template", "name": v.name}),
-            (Request, lambda v, k: {TAG: "request"}),
-            (_AppCtxGlobals, lambda v, k: {TAG: "g"}),
-            (SessionMixin, lambda v, k: {TAG: "session"}),
-            (dt.datetime, lambda v, k: {TAG: "datetime", "v": v.isoformat()}),
-            (dt.date, lambda v, k: {TAG: "date", "v": v.isoformat()}),
-            (dt.time, lambda v, k: {TAG: "time", "v": v.isoformat()}),
-            (dt.timedelta, lambda v, k: {TAG: "timedelta", "v": v.total_seconds()}),
-            (uuid.UUID, lambda v, k: {TAG: "uuid", "v": str(v)}),
-            (Decimal, lambda v, k: {TAG: "decimal", "v": str(v)}),
-            (bytes, lambda v, k: {TAG: "bytes", "v": base64.b64encode(v).decode("ascii")}),
-            (tuple, lambda v, k: {TAG: "tuple", "items": self._encode_items(v, k)}),
-            (frozenset, lambda v, k: {TAG: "frozenset", "items": self._encode_items(v, k)}),
-            (set, lambda v, k: {TAG: "set", "items": self._encode_items(v, k)}),
+            (Template, lambda v, k, d: {TAG: "template", "name": v.name}),
+            (Request, lambda v, k, d: {TAG: "request"}),
+            (_AppCtxGlobals, lambda v, k, d: {TAG: "g"}),
+            (SessionMixin, lambda v, k, d: {TAG: "session"}),
+            (dt.datetime, lambda v, k, d: {TAG: "datetime", "v": v.isoformat()}),
+            (dt.date, lambda v, k, d: {TAG: "date", "v": v.isoformat()}),
+            (dt.time, lambda v, k, d: {TAG: "time", "v": v.isoformat()}),
+            (dt.timedelta, lambda v, k, d: {TAG: "timedelta", "v": v.total_seconds()}),
+            (uuid.UUID, lambda v, k, d: {TAG: "uuid", "v": str(v)}),
+            (Decimal, lambda v, k, d: {TAG: "decimal", "v": str(v)}),
+            (bytes, lambda v, k, d: {TAG: "bytes", "v": base64.b64encode(v).decode("ascii")}),
+            (tuple, lambda v, k, d: {TAG: "tuple", "items": self._encode_items(v, k, d)}),
+            (frozenset, lambda v, k, d: {TAG: "frozenset", "items": self._encode_items(v, k, d)}),
+            (set, lambda v, k, d: {TAG: "set", "items": self._encode_items(v, k, d)}),
         ]
 
     # -- encoding -----------------------------------------------------------------
 
-    def encode(self, value: Any, key: str) -> Any:
+    def encode(self, value: Any, key: str, depth: int = 0) -> Any:
         """Return a JSON-ready form of ``value``; raise :class:`Unserializable` naming ``key``."""
+        if depth > MAX_DEPTH:
+            raise Unserializable(key, value, f"it is nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, LocalProxy):
             value = value._get_current_object()
         if isinstance(value, str):
@@ -162,23 +167,23 @@ class Codec:
         if isinstance(value, JSONScalar):
             return value
         if isinstance(value, list):
-            return self._encode_items(value, key)
+            return self._encode_items(value, key, depth)
         if isinstance(value, dict):
             encoded = {}
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise Unserializable(f"{key}[{k!r}]", k, "dict keys must be strings")
-                encoded[k] = self.encode(v, f"{key}[{k!r}]")
+                encoded[k] = self.encode(v, f"{key}[{k!r}]", depth + 1)
             if TAG in encoded:
                 return {TAG: "dict", "items": encoded}
             return encoded
         for cls, encoder in self._encoders:
             if isinstance(value, cls):
-                return encoder(value, key)
+                return encoder(value, key, depth)
         raise Unserializable(key, value)
 
-    def _encode_items(self, items: Iterable[Any], key: str) -> list[Any]:
-        return [self.encode(v, f"{key}[{i}]") for i, v in enumerate(items)]
+    def _encode_items(self, items: Iterable[Any], key: str, depth: int = 0) -> list[Any]:
+        return [self.encode(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(items)]
 
     def encode_exception(self, exc: BaseException) -> dict[str, Any]:
         """Capture an exception's type, args, message and formatted traceback."""
@@ -199,7 +204,7 @@ class Codec:
             "traceback": "".join(traceback.format_exception(cls, exc, exc.__traceback__)),
         }
 
-    def _encode_response(self, response: Response, key: str) -> dict[str, Any]:
+    def _encode_response(self, response: Response, key: str, depth: int = 0) -> dict[str, Any]:
         body: str | None = None
         if not response.is_streamed:
             data = response.get_data()
@@ -237,15 +242,22 @@ class Codec:
 
     # -- decoding -----------------------------------------------------------------
 
-    def decode(self, value: Any) -> Any:
+    def decode(self, value: Any, depth: int = 0) -> Any:
         """Rebuild a value written by :meth:`encode`; needs the worker's contexts pushed."""
+        if depth > MAX_DEPTH:
+            raise ValueError(f"a value is nested deeper than {MAX_DEPTH} levels")
         if isinstance(value, list):
-            return [self.decode(v) for v in value]
+            return [self.decode(v, depth + 1) for v in value]
         if not isinstance(value, dict):
             return value
         tag = value.get(TAG)
         if tag is None:
-            return {k: self.decode(v) for k, v in value.items()}
+            return {k: self.decode(v, depth + 1) for k, v in value.items()}
+        container = _CONTAINERS.get(tag)
+        if container is not None:
+            return container(self, value, depth)
+        if tag == "exception":
+            return self.decode_exception(value, depth)
         decoder = _DECODERS.get(tag)
         if decoder is None:
             raise ValueError(f"unknown tag {tag!r}")
@@ -262,7 +274,7 @@ class Codec:
             return OpaqueSender(str(value["type"]), str(value["repr"]))
         return self.decode(value)
 
-    def decode_exception(self, value: Mapping[str, Any]) -> BaseException:
+    def decode_exception(self, value: Mapping[str, Any], depth: int = 0) -> BaseException:
         """Rebuild the captured exception, or a stand-in of the same name."""
         module, qualname = str(value["module"]), str(value["qualname"])
         message, text = str(value["message"]), str(value["traceback"])
@@ -271,7 +283,7 @@ class Codec:
         exc: BaseException | None = None
         if isinstance(cls, type) and issubclass(cls, BaseException) and value["args"] is not None:
             try:
-                exc = cls(*self.decode(value["args"]))
+                exc = cls(*self.decode(value["args"], depth))
                 if notes:
                     exc.__notes__ = list(notes)
                 same = "".join(traceback.format_exception_only(cls, exc)) == value["format_only"]
@@ -311,7 +323,6 @@ def _current(name: str) -> Callable[[Codec, Mapping[str, Any]], Any]:
 
 
 _DECODERS: dict[str, Callable[[Codec, Mapping[str, Any]], Any]] = {
-    "exception": lambda c, v: c.decode_exception(v),
     "app": lambda c, v: current_app._get_current_object(),  # type: ignore[attr-defined]
     "response": _decode_response,
     "template": _decode_template,
@@ -325,10 +336,13 @@ _DECODERS: dict[str, Callable[[Codec, Mapping[str, Any]], Any]] = {
     "uuid": lambda c, v: uuid.UUID(v["v"]),
     "decimal": lambda c, v: Decimal(v["v"]),
     "bytes": lambda c, v: base64.b64decode(v["v"]),
-    "tuple": lambda c, v: tuple(c.decode(v["items"])),
-    "set": lambda c, v: set(c.decode(v["items"])),
-    "frozenset": lambda c, v: frozenset(c.decode(v["items"])),
-    "dict": lambda c, v: {k: c.decode(x) for k, x in v["items"].items()},
+}
+# Tagged containers: their items are decoded one level deeper (see MAX_DEPTH).
+_CONTAINERS: dict[str, Callable[[Codec, Mapping[str, Any], int], Any]] = {
+    "tuple": lambda c, v, d: tuple(c.decode(v["items"], d)),
+    "set": lambda c, v, d: set(c.decode(v["items"], d)),
+    "frozenset": lambda c, v, d: frozenset(c.decode(v["items"], d)),
+    "dict": lambda c, v, d: {k: c.decode(x, d + 1) for k, x in v["items"].items()},
 }
 
 

@@ -73,7 +73,7 @@ def test_unserializable_kwarg_raises_at_emit_and_enqueues_nothing(conn: redis.Re
 
 
 def test_crafted_jobs_are_refused_and_good_jobs_still_run(conn: redis.Redis, redis_url: str, tmp_path: Path) -> None:
-    """Unknown receivers, foreign functions, callbacks, bad data and versions fail with clear reasons."""
+    """Unknown receivers, foreign functions, callbacks, bad data and versions are refused with clear reasons."""
     app = create_app()
     good = valid_payload(app, "good")
     marker = tmp_path / "pwned"
@@ -107,9 +107,11 @@ def test_crafted_jobs_are_refused_and_good_jobs_still_run(conn: redis.Redis, red
     assert "no longer accepts this event's arguments" in failure(conn, signature.id)
     assert "MalformedEvent" in failure(conn, missing.id)
 
+    assert "field 'success_callback_name' must be empty" in failure(conn, callback.id)
+
     values = [r["kwargs"]["value"] for r in records(conn)]
-    assert sorted(values) == ["cb", "good"], "the good jobs ran; the callback job ran without its callback"
-    assert conn.zcard("rq:failed:signals") == 9
+    assert values == ["good"], "the good job ran; the job edited to carry a callback did not run at all"
+    assert conn.zcard("rq:failed:signals") == 10
     assert Job.fetch(ok.id, connection=conn, serializer=JSONSerializer).get_status() == "finished"
     assert conn.llen("rq:queue:signals") == 0
 
