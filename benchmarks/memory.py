@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.apps import make_app  # noqa: E402
-from signal_queue.redis_process import RedisProcess, free_port  # noqa: E402
+from devtools.redis_process import RedisProcess, free_port  # noqa: E402
 
 
 def rss_mib() -> float:

@@ -27,7 +27,7 @@ import redis  # noqa: E402
 from redis.connection import Connection  # noqa: E402
 
 from benchmarks.apps import VARIANTS, make_app  # noqa: E402
-from signal_queue.redis_process import RedisProcess, free_port  # noqa: E402
+from devtools.redis_process import RedisProcess, free_port  # noqa: E402
 
 ROUND_TRIPS = [0]
 _send = Connection.send_packed_command

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from signal_queue.redis_process import RedisProcess  # noqa: E402
+from devtools.redis_process import RedisProcess  # noqa: E402
 
 server = RedisProcess()
 server.start()

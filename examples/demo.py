@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTICLE = ROOT / "examples" / "article"
 sys.path.insert(0, str(ROOT))
 
-from signal_queue.redis_process import RedisProcess, free_port  # noqa: E402
+from devtools.redis_process import RedisProcess, free_port  # noqa: E402
 
 
 def say(text: str) -> None:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .decorators import deferred
-from .event import Event, RequestSnapshot, current_event
+from ._decorators import deferred
+from ._extension import SignalQueue
+from .consumer.context import current_event
 from .exceptions import (
     ConfigurationError,
     DeliveryError,
@@ -15,8 +16,8 @@ from .exceptions import (
     SignalQueueError,
     UnknownReceiver,
 )
-from .extension import SignalQueue
-from .serialization import OpaqueSender, RemoteException
+from .wire.codec import OpaqueSender, RemoteException
+from .wire.event import Event, RequestSnapshot
 
 __version__ = "0.1.0"
 

@@ -9,12 +9,12 @@ lost, dropped or spooled while it is down.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from flask import Flask
+from flask import Flask, Response, current_app
 
-STATS_KEY = "sq:stats"
+from ._state import state_for
+from .wire.keys import STATS_KEY
 
 #: Redis totals, with their Prometheus help text.
 TOTALS = {
@@ -43,8 +43,6 @@ def totals(connection: Any) -> dict[str, int]:
 
 def prometheus_text(app: Flask) -> str:
     """The counters in Prometheus' text exposition format."""
-    from .emit import state_for
-
     state = state_for(app)
     lines: list[str] = []
     shared = totals(state.connection)
@@ -72,8 +70,6 @@ def prometheus_text(app: Flask) -> str:
 
 def metrics_view() -> Any:
     """A Flask view: ``app.add_url_rule("/metrics", view_func=metrics_view)``."""
-    from flask import Response, current_app
-
     return Response(
         prometheus_text(current_app._get_current_object()),  # type: ignore[attr-defined]
         mimetype="text/plain; version=0.0.4",

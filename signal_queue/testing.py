@@ -27,15 +27,13 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask
 
-from .emit import state_for
-from .event import PendingEvent, received_form
-
-if TYPE_CHECKING:
-    from .extension import SignalQueueState
+from ._state import SignalQueueState, state_for
+from .consumer.run import execute_event
+from .producer.capture import PendingEvent, received_form
 
 __all__ = ["CapturedEvent", "EventCapture", "capture_events"]
 
@@ -108,12 +106,11 @@ class EventCapture:
         Events the receivers emit while draining are captured and run too.
         A receiver's exception propagates to the test.
         """
-        from .jobs import execute_event
-
+        consumer = state_for(self.app).consumer
         ran = 0
         while self._undrained:
             event = self._undrained.pop(0)
-            execute_event(self.app, json.loads(json.dumps(event.payload)))
+            execute_event(consumer, json.loads(json.dumps(event.payload)))
             ran += 1
         return ran
 

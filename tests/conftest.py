@@ -15,7 +15,7 @@ from flask import Flask
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from signal_queue.jobs import RUN_EVENTS
+from signal_queue.wire.keys import RUN_EVENTS
 from tests.redis_server import RedisServer
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
-"""The private redis-server the test session uses (see signal_queue.redis_process)."""
+"""The private redis-server the test session uses (see devtools.redis_process)."""
 
-from signal_queue.redis_process import RedisProcess as RedisServer
-from signal_queue.redis_process import free_port
+from devtools.redis_process import RedisProcess as RedisServer
+from devtools.redis_process import free_port
 
 __all__ = ["RedisServer", "free_port"]

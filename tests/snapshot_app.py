@@ -7,6 +7,7 @@ from typing import Any
 from blinker import Namespace
 from flask import Flask, current_app, g, has_request_context, request
 from flask_login import LoginManager, UserMixin, current_user, login_user
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from signal_queue import SignalQueue, current_event, deferred
 from tests.recording import record
@@ -21,8 +22,11 @@ class User(UserMixin):
         self.name = USERS[user_id]
 
 
-def create_app(**config: Any) -> Flask:
+def create_app(proxies: int = 0, **config: Any) -> Flask:
+    """``proxies``: X-Forwarded-For hops the app trusts, with werkzeug's ProxyFix."""
     app = Flask(__name__)
+    if proxies:
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=proxies)  # type: ignore[method-assign]
     app.secret_key = "test"
     app.config.update(config)
     SignalQueue(app)

@@ -22,7 +22,8 @@ from signal_queue import (
     SignalQueue,
     deferred,
 )
-from signal_queue.jobs import RUN_EVENT
+from signal_queue.testing import capture_events
+from signal_queue.wire.keys import RUN_EVENT
 from tests.conftest import drain, run_worker
 from tests.misc_app import create_app, inline_calls, misc, on_misc
 from tests.recording import records
@@ -41,17 +42,11 @@ def failure(conn: redis.Redis, job_id: str) -> str:
 
 
 def valid_payload(app: Flask, value: str = "ok") -> dict[str, Any]:
-    """A well-formed event as the bridge would write it, for crafting variants."""
-    import json
-
-    with app.test_request_context("/x"):
-        from signal_queue.emit import build_event, state_for
-        from signal_queue.registry import receivers
-
-        entry = receivers.get("tests.misc_app:on_misc", "misc")
-        state = state_for(app)
-        event = build_event(app, state, entry, "crafted", {"value": value})
-    return json.loads(json.dumps(event.to_dict(state.codec)))  # type: ignore[no-any-return]
+    """A well-formed event as the bridge would write it (taken with the public capture helper)."""
+    with capture_events(app) as events:
+        app.test_client().get(f"/emit/{value}")
+    [event] = events
+    return event.payload
 
 
 def craft(conn: redis.Redis, func: str, payload: Any, **kwargs: Any) -> Job:

@@ -106,7 +106,7 @@ def test_full_outbox_drops_with_one_log_line(caplog: pytest.LogCaptureFixture) -
 
 def test_backpressure_sends_from_the_request_thread_when_the_sender_lags(conn: redis.Redis) -> None:
     """Past BACKPRESSURE_AT pending events, emitting sends a batch itself instead of growing memory."""
-    from signal_queue.outbox import BACKPRESSURE_AT
+    from signal_queue.producer.outbox import BACKPRESSURE_AT
     from tests.delivery_app import audit
 
     app = create_app(SIGNAL_QUEUE_LINGER=10)  # a sender that waits 10 s, as a starved one would

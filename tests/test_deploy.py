@@ -123,7 +123,7 @@ def test_demo_falls_back_to_the_embedded_redis() -> None:
 
 def test_every_config_key_is_documented() -> None:
     """The README's configuration table names every key the extension reads, with its default."""
-    from signal_queue.extension import DEFAULTS
+    from signal_queue._state import DEFAULTS
 
     readme = (ROOT / "README.md").read_text()
     table = readme[readme.index("## Configuration") : readme.index("## Testing your receivers")]

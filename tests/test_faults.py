@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from signal_queue.redis_process import RedisProcess, free_port
+from devtools.redis_process import RedisProcess, free_port
 from tests.conftest import ROOT, drain
 
 FAULT_APP = "tests.fault_app:create_app()"
@@ -225,73 +225,3 @@ def test_four_workers_handle_ten_thousand_events_exactly_once(tmp_path: Path, re
     assert len(rows) == 10_000
     assert set(by_n) == {str(n) for n in range(10_000)} and max(by_n.values()) == 1
     assert len({r[2] for r in rows}) == 10_000
-
-
-def test_job_taken_but_never_started_goes_back_at_once(redis_url: str) -> None:
-    """A worker that lost Redis between taking a job and starting it returns the job itself.
-
-    RQ's own clean-up would return it only after a minute (its intermediate-queue rule).
-    """
-    from rq import Queue
-    from rq.serializers import JSONSerializer
-
-    from signal_queue.jobs import SignalJob
-    from signal_queue.worker import SignalWorker, build_worker
-    from tests.misc_app import create_app, misc
-
-    app = create_app()
-    with app.app_context():
-        misc.send("x", value="taken")
-    drain(app)
-    conn = redis.Redis.from_url(redis_url)
-    worker = build_worker(app, url=redis_url)
-    assert isinstance(worker, SignalWorker)
-    queue = Queue("signals", connection=conn, serializer=JSONSerializer)
-    [job_id] = [j.decode() for j in conn.lrange(queue.key, 0, -1)]
-    conn.lmove(queue.key, queue.intermediate_queue_key)  # what RQ's dequeue does
-    job = SignalJob.fetch(job_id, connection=conn, serializer=JSONSerializer)
-    worker.taking = (job_id, queue)
-    worker.prepare_execution(job)  # RQ registers the execution... then Redis went away before the start
-    assert conn.zcard(queue.started_job_registry.key) == 1
-
-    assert worker.return_untaken_job() == job_id
-    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [job_id]
-    assert conn.llen(queue.intermediate_queue_key) == 0
-    assert conn.zcard(queue.started_job_registry.key) == 0, "no stale execution left to look abandoned"
-    assert worker.return_untaken_job() is None, "nothing left to return"
-
-
-def test_maintenance_lock_left_by_a_dead_worker_expires_in_a_minute(redis_url: str) -> None:
-    """Our workers' queues hold RQ's clean-up lock for 60 s, not 899 s, so recovery is not blocked long."""
-    from signal_queue.worker import MAINTENANCE_LOCK_TTL, WorkerQueue, build_worker
-    from tests.misc_app import create_app
-
-    worker = build_worker(create_app(), url=redis_url)
-    [queue] = worker.queues
-    assert isinstance(queue, WorkerQueue)
-    assert queue.acquire_maintenance_lock()
-    assert not queue.acquire_maintenance_lock(), "still one cleaner at a time"
-    conn = redis.Redis.from_url(redis_url)
-    assert 0 < conn.ttl(queue.registry_cleaning_key) <= MAINTENANCE_LOCK_TTL == 60
-
-
-def test_the_worker_notes_the_job_it_takes_before_running_it(redis_url: str) -> None:
-    """The note is made when RQ takes the job, so a failure right after (a heartbeat) still knows it."""
-    from signal_queue.jobs import SignalJob
-    from signal_queue.worker import WorkerQueue, build_worker
-    from tests.misc_app import create_app, misc
-
-    app = create_app()
-    with app.app_context():
-        misc.send("x", value="noted")
-    drain(app)
-    worker = build_worker(app, url=redis_url)
-    WorkerQueue.taken = None
-    result = WorkerQueue.dequeue_any(
-        worker.queues, None, connection=worker.connection, job_class=SignalJob, serializer=worker.serializer
-    )
-    assert result is not None
-    job, queue = result
-    assert WorkerQueue.taken == (job.id, queue)
-    assert worker.return_untaken_job() == job.id, "taken, not started: put back"
-    assert redis.Redis.from_url(redis_url).lrange(queue.key, 0, -1) == [job.id.encode()]

@@ -15,7 +15,8 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from signal_queue import PayloadError
-from signal_queue.jobs import RUN_EVENTS, SignalJob
+from signal_queue.consumer.job import SignalJob
+from signal_queue.wire.keys import RUN_EVENTS
 from tests.conftest import drain, run_worker
 from tests.misc_app import create_app
 from tests.recording import records

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from devtools.redis_process import RedisProcess
 from signal_queue import PayloadError
-from signal_queue.enqueue import SENT_KEY
-from signal_queue.redis_process import RedisProcess
+from signal_queue.wire.keys import SENT_KEY
 from tests.conftest import ROOT, drain, queued_events, run_worker
 from tests.misc_app import create_app, fixable, misc
 from tests.recording import records

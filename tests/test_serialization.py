@@ -8,7 +8,7 @@ import traceback
 from flask import Flask
 
 from signal_queue import OpaqueSender, RemoteException
-from signal_queue.serialization import Codec
+from signal_queue.wire.codec import Codec
 
 
 class Unprintable(Exception):

@@ -92,8 +92,8 @@ def test_request_id_is_generated_when_absent_or_malformed(conn: redis.Redis, red
 def test_client_ip_trusts_only_configured_proxies(
     conn: redis.Redis, redis_url: str, hops: int, forwarded: str, expected: str
 ) -> None:
-    """The worker's request.remote_addr is the client IP resolved with SIGNAL_QUEUE_TRUSTED_PROXIES."""
-    app = create_app(SIGNAL_QUEUE_TRUSTED_PROXIES=hops)
+    """The worker's request.remote_addr is the client address as the app's ProxyFix resolved it."""
+    app = create_app(proxies=hops)
     app.test_client().get(
         "/probe/x", headers={"X-Forwarded-For": forwarded}, environ_base={"REMOTE_ADDR": "10.0.0.1"}
     )

@@ -21,7 +21,6 @@ from decimal import Decimal
 from typing import Any
 
 from flask import Flask, Request, current_app
-from flask.ctx import _AppCtxGlobals
 from flask.sessions import SessionMixin
 from jinja2 import Template
 from werkzeug.local import LocalProxy
@@ -128,10 +127,16 @@ class Codec:
     """Encodes values for a queue and decodes them in a worker.
 
     ``redact_headers`` names (lower case) the response headers whose values
-    are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept.
+    are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept;
+    ``globals_class`` is the app's ``app_ctx_globals_class`` (the type of ``g``).
     """
 
-    def __init__(self, redact_headers: Iterable[str] = (), max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        redact_headers: Iterable[str] = (),
+        max_body: int = 64 * 1024,
+        globals_class: type = Flask.app_ctx_globals_class,
+    ) -> None:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
         self.max_body = max_body
         self._encoders: list[tuple[type | tuple[type, ...], Callable[[Any, str, int], Any]]] = [
@@ -140,7 +145,7 @@ class Codec:
             (Response, self._encode_response),
             (Template, lambda v, k, d: {TAG: "template", "name": v.name}),
             (Request, lambda v, k, d: {TAG: "request"}),
-            (_AppCtxGlobals, lambda v, k, d: {TAG: "g"}),
+            (globals_class, lambda v, k, d: {TAG: "g"}),
             (SessionMixin, lambda v, k, d: {TAG: "session"}),
             (dt.datetime, lambda v, k, d: {TAG: "datetime", "v": v.isoformat()}),
             (dt.date, lambda v, k, d: {TAG: "date", "v": v.isoformat()}),

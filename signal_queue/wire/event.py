@@ -1,32 +1,28 @@
-"""The event: what one emit of a signal carries to one deferred receiver.
+"""The event: what one emit of a signal carries to one deferred receiver, as it crosses Redis.
 
-An :class:`Event` is plain data. It is built at emit time, written to Redis
-as JSON by :meth:`Event.to_dict`, and read back in the worker by
-:meth:`Event.from_dict`, which checks every field and names the first one that
-is wrong. Inside a deferred handler it is available as :data:`current_event`.
+An :class:`Event` is plain data. The producer writes its JSON form (see
+:class:`~signal_queue.producer.capture.PendingEvent`); the worker reads it back
+with :meth:`Event.from_dict`, which checks every field and names the first one
+that is wrong. A batch job carries each request's snapshot once, in a table the
+events refer to by a key the bridge made (:func:`resolve_shared_request`).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import itertools
-import json
 import os
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-from werkzeug.local import LocalProxy
-
-from .exceptions import MalformedEvent
-
-if TYPE_CHECKING:
-    from .context import RawRequest
-    from .registry import DeferredReceiver
-    from .serialization import Codec
+from ..exceptions import MalformedEvent
 
 #: Version of the payload format; a worker refuses versions it does not know.
 FORMAT_VERSION = 1
+
+#: Where a request's id is kept in its WSGI environ (also in the worker's rebuilt request),
+#: so every event of one request, and every event its handlers send, carries the same id.
+REQUEST_ID_ENVIRON_KEY = "signal_queue.request_id"
 
 # Event and request ids: a random per-process prefix and a counter. Unique
 # across processes and far cheaper on the request thread than uuid4().
@@ -148,75 +144,6 @@ class Event:
         )
 
 
-class PendingEvent:
-    """An event as the request thread leaves it: validated and encoded, not yet formatted.
-
-    The costly parts (ISO time, request snapshot, JSON) are done by
-    :meth:`to_dict`, off the request thread in the background delivery mode.
-    """
-
-    __slots__ = ("_id", "emitted", "g", "kwargs", "raw_request", "receiver", "sender", "user")
-
-    def __init__(
-        self,
-        receiver: DeferredReceiver,
-        emitted: float,
-        sender: Any,
-        kwargs: dict[str, Any],
-        raw_request: RawRequest | None,
-        g: dict[str, Any],
-        user: str | None,
-    ) -> None:
-        self.receiver = receiver
-        self._id: str | None = None
-        self.emitted = emitted
-        self.sender = sender
-        self.kwargs = kwargs
-        self.raw_request = raw_request
-        self.g = g
-        self.user = user
-
-    @property
-    def id(self) -> str:
-        """Given when first asked for (off the request thread, in the background mode)."""
-        if self._id is None:
-            self._id = new_id()
-        return self._id
-
-    def to_dict(self, codec: Codec, shared: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-        """The JSON form a worker reads with :meth:`Event.from_dict`.
-
-        With ``shared`` (a batch's table of request snapshots by request id),
-        the snapshot goes in the table once and the event refers to it.
-        """
-        raw = self.raw_request
-        if shared is not None and raw is not None:
-            # Keyed by an id the bridge made for this request, never by the client's
-            # X-Request-ID: two requests may send the same one (a retry, or on purpose).
-            key = raw.key
-            if key not in shared:
-                shared[key] = raw.snapshot(codec, None)
-            request: Any = {"ref": key, "user": self.user}
-        else:
-            request = None if raw is None else raw.snapshot(codec, self.user)
-        return {
-            "v": FORMAT_VERSION,
-            "id": self.id,
-            "signal": self.receiver.signal_name,
-            "receiver": self.receiver.name,
-            "emitted_at": dt.datetime.fromtimestamp(self.emitted, dt.timezone.utc).isoformat(),
-            "sender": self.sender,
-            "kwargs": self.kwargs,
-            "request": request,
-            "g": self.g,
-        }
-
-
-def received_form(event: PendingEvent, codec: Codec) -> dict[str, Any]:
-    """``event`` as a worker receives it: through ``json.dumps``/``json.loads`` (eager mode, tests)."""
-    return json.loads(json.dumps(event.to_dict(codec)))  # type: ignore[no-any-return]
-
-
 def resolve_shared_request(payload: Any, shared: Any) -> Any:
     """An event of a batch with its request snapshot put back in place of the reference."""
     if not isinstance(payload, dict):
@@ -260,19 +187,3 @@ def _header_pairs(raw: list[Any]) -> list[tuple[str, str]]:
             raise MalformedEvent("request key 'headers' must be a list of [name, value] strings")
         pairs.append((item[0], item[1]))
     return pairs
-
-
-_current_event: ContextVar[Event] = ContextVar("signal_queue.current_event")
-
-
-def _get_current_event() -> Event:
-    try:
-        return _current_event.get()
-    except LookupError:
-        raise RuntimeError(
-            "current_event is only available inside a deferred receiver run by signal_queue"
-        ) from None
-
-
-#: The event being handled, inside a deferred receiver (worker or eager mode).
-current_event: Event = cast(Event, LocalProxy(_get_current_event))

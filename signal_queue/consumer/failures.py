@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import Any
 
+import redis
 from rq import Queue
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from .jobs import RUN_EVENT, RUN_EVENTS, SignalJob
+from ..wire.keys import RUN_EVENT, RUN_EVENTS
+from .job import SignalJob
 
-if TYPE_CHECKING:
-    from .extension import SignalQueueState
+
+def signal_queues(connection: redis.Redis, names: Iterable[str]) -> list[Queue]:
+    """The RQ queues ``names`` as a worker reads them: JSON, and jobs loaded through :class:`SignalJob`."""
+    return [Queue(name, connection=connection, serializer=JSONSerializer, job_class=SignalJob) for name in names]
 
 
 def receivers_of(job: Job) -> set[str]:
@@ -30,20 +34,19 @@ def receivers_of(job: Job) -> set[str]:
 
 
 def iter_failed(
-    state: SignalQueueState,
+    connection: redis.Redis,
     queue_names: Iterable[str],
     *,
     receiver: str | None = None,
     ids: set[str] | None = None,
 ) -> Iterator[tuple[Queue, Job]]:
     """The failed jobs of ``queue_names`` (with their queue), filtered by receiver and id."""
-    for name in queue_names:
-        queue = state.dispatcher.queue(name)
+    for queue in signal_queues(connection, queue_names):
         for job_id in queue.failed_job_registry.get_job_ids():
             if ids and job_id not in ids:
                 continue
             try:
-                job = SignalJob.fetch(job_id, connection=state.connection, serializer=JSONSerializer)
+                job = SignalJob.fetch(job_id, connection=connection, serializer=JSONSerializer)
             except NoSuchJobError:
                 continue
             if receiver and receiver not in receivers_of(job):
@@ -51,33 +54,12 @@ def iter_failed(
             yield queue, job
 
 
-def requeue_failed(
-    state: SignalQueueState,
-    queue_names: Iterable[str],
-    *,
-    receiver: str | None = None,
-    ids: set[str] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> list[str]:
-    """Requeue failed jobs of ``queue_names`` matching the filters; return their ids.
-
-    Uses RQ's ``FailedJobRegistry.requeue``, so the job keeps its id and history.
-    """
-    requeued = []
-    for queue, job in iter_failed(state, queue_names, receiver=receiver, ids=ids):
-        queue.failed_job_registry.requeue(job.id)
-        requeued.append(job.id)
-        if progress is not None:
-            progress(len(requeued))
-    return requeued
-
-
 def failed_events(
-    state: SignalQueueState, queue_names: Iterable[str], receiver: str | None = None
+    connection: redis.Redis, queue_names: Iterable[str], receiver: str | None = None
 ) -> list[dict[str, Any]]:
     """One row per failed job: its event's signal, receiver, request path, user, request id and error."""
     rows: list[dict[str, Any]] = []
-    for queue, job in iter_failed(state, queue_names, receiver=receiver):
+    for queue, job in iter_failed(connection, queue_names, receiver=receiver):
         result = job.latest_result()
         error = (result.exc_string or "") if result is not None else ""
         event: dict[str, Any] = {}

@@ -1,26 +1,31 @@
-"""The Flask extension: configuration, per-app state, CLI registration."""
+"""The extension's per-app state: configuration read once, the app's producer and consumer."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import redis
 from flask import Flask
 
-from .decorators import make_retry
-from .enqueue import Dispatcher
-from .event import PendingEvent, received_form
+from ._decorators import make_retry
+from .consumer.run import Consumer, execute_event
 from .exceptions import ConfigurationError
-from .outbox import DELIVERY_MODES, Outbox, install_request_hooks
-from .serialization import Codec
-from .spool import Spool
+from .producer.capture import PendingEvent, received_form
+from .producer.dispatcher import Dispatcher
+from .producer.emit import Producer, producer_for
+from .producer.outbox import DELIVERY_MODES, Outbox
+from .producer.spool import Spool
+from .wire.codec import Codec
+from .wire.redis_url import safe_url
 
-if TYPE_CHECKING:
-    from .testing import EventCapture
 
-#: Request and response headers whose values never leave the process.
+class EventSink(Protocol):
+    """What takes an app's events instead of its outbox while a test captures them."""
+
+    def add(self, event: PendingEvent, state: SignalQueueState) -> None: ...
+
 DEFAULT_REDACT_HEADERS = (
     "Authorization",
     "Proxy-Authorization",
@@ -38,7 +43,6 @@ DEFAULT_REDACT_HEADERS = (
 DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_REDIS_URL": "redis://localhost:6379/0",
     "SIGNAL_QUEUE_QUEUE": "signals",
-    "SIGNAL_QUEUE_TRUSTED_PROXIES": 0,
     "SIGNAL_QUEUE_REDACT_HEADERS": DEFAULT_REDACT_HEADERS,
     "SIGNAL_QUEUE_EAGER": False,
     "SIGNAL_QUEUE_RETRY": 0,
@@ -59,22 +63,32 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-class SignalQueueState:
-    """Per-app state, kept in ``app.extensions["signal_queue"]``."""
+#: Keys of earlier releases that are refused now, with the fix.
+REMOVED = {
+    "SIGNAL_QUEUE_TRUSTED_PROXIES": (
+        "the client address is request.remote_addr as the app itself sees it; behind proxies, "
+        "wrap the app in werkzeug's ProxyFix: app.wsgi_app = ProxyFix(app.wsgi_app, x_for=N)"
+    ),
+}
+
+
+class SignalQueueState(Producer):
+    """Per-app state, kept in ``app.extensions["signal_queue"]``: the producer, plus the consumer."""
 
     def __init__(self, app: Flask) -> None:
         config = app.config
+        for key, fix in REMOVED.items():
+            if key in config or key in os.environ:
+                raise ConfigurationError(f"{key} is no longer read: {fix}")
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
         self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
-        self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
-        self.max_event_bytes: int = _int(config, "SIGNAL_QUEUE_MAX_EVENT_BYTES", minimum=1)
-        self.abandoned_after: int = _int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2)
-        self.maintenance_interval: int = _int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1)
         _bool(config, "SIGNAL_QUEUE_EAGER")
         self._config = config
-        self.imports: tuple[str, ...] = tuple(_names(config, "SIGNAL_QUEUE_IMPORTS"))
-        redact = _names(config, "SIGNAL_QUEUE_REDACT_HEADERS")
-        self.codec = Codec(redact, max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0))
+        codec = Codec(
+            _names(config, "SIGNAL_QUEUE_REDACT_HEADERS"),
+            max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0),
+            globals_class=app.app_ctx_globals_class,
+        )
         timeout = config["SIGNAL_QUEUE_SOCKET_TIMEOUT"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigurationError(f"SIGNAL_QUEUE_SOCKET_TIMEOUT must be seconds > 0, got {timeout!r}")
@@ -83,18 +97,23 @@ class SignalQueueState:
                 self.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
         except ValueError as exc:
-            raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL {self.redis_url!r} is not valid: {exc}") from None
+            raise ConfigurationError(
+                f"SIGNAL_QUEUE_REDIS_URL {safe_url(self.redis_url)!r} is not valid: {exc}"
+            ) from None
         try:
-            self.default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
+            default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
         except ConfigurationError as exc:
             raise ConfigurationError(f"SIGNAL_QUEUE_RETRY: {exc}") from None
+        job_timeout = _int(config, "SIGNAL_QUEUE_JOB_TIMEOUT", minimum=1)
+        result_ttl = _int(config, "SIGNAL_QUEUE_RESULT_TTL", minimum=-1)
+        failure_ttl = _int(config, "SIGNAL_QUEUE_FAILURE_TTL", minimum=1)
         self.dispatcher = Dispatcher(
             connection,
-            self.codec,
+            codec,
             self.queue_name,
-            default_timeout=_int(config, "SIGNAL_QUEUE_JOB_TIMEOUT", minimum=1),
-            result_ttl=_int(config, "SIGNAL_QUEUE_RESULT_TTL", minimum=-1),
-            failure_ttl=_int(config, "SIGNAL_QUEUE_FAILURE_TTL", minimum=1),
+            default_timeout=job_timeout,
+            result_ttl=result_ttl,
+            failure_ttl=failure_ttl,
             batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
             spool=Spool(self.spool_path(app)),
         )
@@ -104,11 +123,24 @@ class SignalQueueState:
         linger = config["SIGNAL_QUEUE_LINGER"]
         if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger <= 10:
             raise ConfigurationError(f"SIGNAL_QUEUE_LINGER must be seconds from 0 to 10, got {linger!r}")
-        self.outbox = Outbox(
-            app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1)
+        outbox = Outbox(app, self.dispatcher, mode, float(linger), _int(config, "SIGNAL_QUEUE_MAX_PENDING", minimum=1))
+        super().__init__(codec, _int(config, "SIGNAL_QUEUE_MAX_EVENT_BYTES", minimum=1), outbox)
+        self.consumer = Consumer(
+            app=app,
+            codec=codec,
+            default_queue=self.queue_name,
+            default_timeout=job_timeout,
+            default_retry=default_retry,
+            result_ttl=result_ttl,
+            failure_ttl=failure_ttl,
+            send_emitted=outbox.flush,
+            imports=tuple(_names(config, "SIGNAL_QUEUE_IMPORTS")),
+            redis_url=self.redis_url,
+            abandoned_after=_int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2),
+            maintenance_interval=_int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1),
         )
         #: An active signal_queue.testing capture, which takes events instead of the outbox.
-        self.capture: EventCapture | None = None
+        self.capture: EventSink | None = None
 
     @staticmethod
     def spool_path(app: Flask) -> str:
@@ -129,72 +161,29 @@ class SignalQueueState:
 
     def queue_names(self) -> list[str]:
         """The default queue, then every queue a registered receiver names."""
-        from .registry import receivers
+        return self.consumer.queue_names()
 
-        return [self.queue_name, *sorted(receivers.queues() - {self.queue_name})]
+    def route(self, app: Flask, event: PendingEvent) -> None:
+        """A test's capture takes the event; in eager mode it runs now; else it goes to the outbox."""
+        if self.capture is not None:
+            self.capture.add(event, self)
+        elif self.eager:
+            # The same JSON round trip a worker sees.
+            execute_event(self.consumer, received_form(event, self.codec))
+        else:
+            self.outbox.put(event)
 
-    def run_eagerly(self, app: Flask, event: PendingEvent) -> None:
-        """Eager mode: run the handler now, after the same JSON round trip a worker sees."""
-        from .jobs import execute_event
-
-        execute_event(app, received_form(event, self.codec))
-
-
-class SignalQueue:
-    """Defers ``@deferred`` receivers of an app to RQ workers.
-
-    ``SignalQueue(app)``, or ``sq = SignalQueue()`` then ``sq.init_app(app)`` in
-    an app factory. Reads these config keys (each defaults to the environment
-    variable of the same name, then to :data:`DEFAULTS`):
-
-    - ``SIGNAL_QUEUE_REDIS_URL``: Redis for the queue (``redis://``, ``rediss://``, ``unix://``).
-    - ``SIGNAL_QUEUE_QUEUE``: default RQ queue name.
-    - ``SIGNAL_QUEUE_TRUSTED_PROXIES``: X-Forwarded-For hops to trust for the client IP.
-    - ``SIGNAL_QUEUE_REDACT_HEADERS``: header names whose values are replaced.
-    - ``SIGNAL_QUEUE_EAGER``: run handlers inline after a JSON round trip (tests).
-    - ``SIGNAL_QUEUE_RETRY``, ``SIGNAL_QUEUE_JOB_TIMEOUT``: defaults for ``@deferred``.
-    - ``SIGNAL_QUEUE_RESULT_TTL``, ``SIGNAL_QUEUE_FAILURE_TTL``: how long RQ keeps records.
-    - ``SIGNAL_QUEUE_SOCKET_TIMEOUT``: Redis connect and read timeout, seconds.
-    - ``SIGNAL_QUEUE_IMPORTS``: modules the worker imports for their receivers.
-    - ``SIGNAL_QUEUE_MAX_RESPONSE_BODY``: largest response body carried to the worker.
-    - ``SIGNAL_QUEUE_DELIVERY``: ``background``, ``after_response`` or ``immediate``.
-    - ``SIGNAL_QUEUE_BATCH_SIZE``: most events in one RQ job.
-    - ``SIGNAL_QUEUE_LINGER``: seconds the background sender lets a batch gather.
-    - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
-    - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
-    - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
-    - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
-    - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
-    """
-
-    def __init__(self, app: Flask | None = None) -> None:
-        if app is not None:
-            self.init_app(app)
-
-    def init_app(self, app: Flask) -> None:
-        if "signal_queue" in app.extensions:
-            raise ConfigurationError(
-                f"SignalQueue is already set up on app {app.name!r}; call init_app once per app"
-            )
-        for key, default in DEFAULTS.items():
-            app.config.setdefault(key, _from_env(key, default))
-        state = app.extensions["signal_queue"] = SignalQueueState(app)
-        install_request_hooks(app, state.outbox)
-
-        from .cli import signal_queue_cli
-
-        if "signal-queue" not in app.cli.commands:
-            app.cli.add_command(signal_queue_cli)
-
-    @staticmethod
-    def state(app: Flask) -> SignalQueueState:
-        """The extension's state for ``app``."""
-        from .emit import state_for
-
-        return state_for(app)
+    def close(self) -> None:
+        """Stop the sender thread after sending what is pending; release Redis and the spool."""
+        self.outbox.close()
 
 
-def _from_env(key: str, default: Any) -> Any:
+def state_for(app: Flask) -> SignalQueueState:
+    """The extension's state for ``app``, or a :class:`ConfigurationError` telling the fix."""
+    return cast(SignalQueueState, producer_for(app))
+
+
+def from_env(key: str, default: Any) -> Any:
     raw = os.environ.get(key)
     if raw is None:
         return default

@@ -27,15 +27,14 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask, Response, has_request_context
 from flask import request as request_proxy
 
-from .event import PendingEvent
-
-if TYPE_CHECKING:
-    from .enqueue import Dispatcher
+from ..wire.receivers import receivers
+from .capture import PendingEvent
+from .dispatcher import Dispatcher
 
 logger = logging.getLogger("signal_queue")
 
@@ -104,6 +103,9 @@ class Outbox:
             self._start()
 
     def _enqueue_background(self, events: list[PendingEvent]) -> None:
+        if self._closed:
+            self.dispatcher.deliver(events)
+            return
         if self._pid != os.getpid():
             self._after_fork()
         if len(self._pending) + len(events) > self.max_pending:
@@ -173,7 +175,8 @@ class Outbox:
         self._wake = threading.Event()
 
     def _run(self) -> None:
-        while not self._closed:
+        # The app is held weakly: an app made by a factory and dropped takes its sender with it.
+        while not self._closed and self._app() is not None:
             try:
                 self._step()
             except Exception:
@@ -225,15 +228,23 @@ class Outbox:
         return len(self._pending)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Stop the sender after sending what is pending (at interpreter exit)."""
+        """Send what is pending, stop the sender thread and let go of Redis and the spool.
+
+        Events put after this are sent on the caller's thread, as in the
+        ``immediate`` mode: a closed outbox loses nothing, it only stops working
+        in the background.
+        """
         self._closed = True
         self._wake.set()
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+        self._thread = None
         deadline = time.monotonic() + timeout
         while self._pending and time.monotonic() < deadline:
             self.flush()
+        _outboxes.discard(self)
+        self.dispatcher.close()
 
 
 _outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
@@ -257,8 +268,6 @@ def install_request_hooks(app: Flask, outbox: Outbox) -> None:
     registered after the app served requests, when Flask's setup methods are
     closed, so the hooks go straight into the documented hook lists.
     """
-    from .registry import receivers
-
     if app in _hooked:
         return
     if outbox.mode != "after_response" and not any(r.discard_if_failed for r in receivers):

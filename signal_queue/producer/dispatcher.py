@@ -24,21 +24,17 @@ from rq import Queue, Retry
 from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
-from .event import PendingEvent, new_id
-from .exceptions import DeliveryError
-from .jobs import BATCH_RETRIES, RUN_EVENTS, SignalJob, batch_timeout
-from .metrics import STATS_KEY
-from .serialization import Codec
+from ..exceptions import DeliveryError
+from ..wire.codec import Codec
+from ..wire.event import new_id
+from ..wire.keys import BATCH_RETRIES, RUN_EVENTS, SENT_KEY, SENT_TTL, STATS_KEY, batch_timeout
+from .capture import PendingEvent
 from .spool import Spool, SpooledBatch
 
 logger = logging.getLogger("signal_queue")
 
 #: Least seconds between two log lines about lost events of one kind.
 LOSS_LOG_INTERVAL = 10.0
-
-#: Marks a batch job as enqueued, for replays; kept this long.
-SENT_KEY = "sq:sent:{0}"
-SENT_TTL = 7 * 24 * 3600
 
 
 class CircuitBreaker:
@@ -104,6 +100,11 @@ class Dispatcher:
         self._queues: dict[str, Queue] = {}
         self._lock = threading.Lock()
 
+    def close(self) -> None:
+        """Close the spool's file and this process's Redis connections (they reopen if used again)."""
+        self.spool.close()
+        self.connection.close()
+
     @property
     def healthy(self) -> bool:
         """False while the circuit breaker is open."""
@@ -115,7 +116,7 @@ class Dispatcher:
         if q is None:
             with self._lock:
                 q = self._queues.setdefault(
-                    name, Queue(name, connection=self.connection, serializer=JSONSerializer, job_class=SignalJob)
+                    name, Queue(name, connection=self.connection, serializer=JSONSerializer)
                 )
         return q
 

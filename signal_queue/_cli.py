@@ -1,35 +1,86 @@
-"""``flask signal-queue ...`` commands."""
+"""``flask signal-queue ...`` commands, and ``python worker.py`` (the same worker command)."""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
-from flask import current_app
-from flask.cli import AppGroup
+from flask import Flask, current_app
+from flask.cli import AppGroup, NoAppException
+from rq import Worker
 
-from .worker import main as worker_main
+from ._state import state_for
+from .consumer.failures import failed_events, iter_failed, signal_queues
+from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
+from .exceptions import ConfigurationError
+from .metrics import prometheus_text, totals
+from .wire.receivers import receivers
+from .wire.redis_url import safe_url
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 signal_queue_cli = AppGroup("signal-queue", help="Run and inspect deferred signal receivers.")
 
 
-@signal_queue_cli.command(
-    "worker",
-    context_settings={"ignore_unknown_options": True, "allow_extra_args": True, "help_option_names": []},
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def worker_command(args: tuple[str, ...]) -> None:
-    """Run an RQ worker for this app's @deferred receivers; same options as python worker.py (--help)."""
-    raise SystemExit(worker_main(list(args), app=current_app._get_current_object()))  # type: ignore[attr-defined]
+def worker_options(command: F) -> F:
+    """The worker's options, for ``flask signal-queue worker`` and ``python worker.py`` alike."""
+    options = [
+        click.argument("queues", nargs=-1),
+        click.option("--url", help="Redis URL (default: the app's SIGNAL_QUEUE_REDIS_URL; a password here "
+                                   "shows in the process list, so prefer the environment)."),
+        click.option("--burst", is_flag=True, help="Quit when the queues are empty."),
+        click.option("--worker-class", type=click.Choice(sorted(WORKER_CLASSES)), default="simple",
+                     show_default=True, help="simple: run jobs in this process; fork: a work horse per job."),
+        click.option("--name", help="Worker name shown by rq info."),
+        click.option("--max-jobs", type=int, help="Quit after this many jobs."),
+        click.option("--logging-level", default="INFO", show_default=True),
+        click.option("--no-scheduler", is_flag=True, help="Do not run RQ's scheduler (retry delays)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def start_worker(app: Flask, queues: tuple[str, ...], no_scheduler: bool, logging_level: str, **options: Any) -> None:
+    """Run a worker for ``app`` until stopped; a setup error exits 2 with one line on stderr."""
+    log_to_stderr(logging_level)
+    try:
+        run_worker(
+            state_for(app).consumer, queues, logging_level=logging_level, with_scheduler=not no_scheduler, **options
+        )
+    except ConfigurationError as exc:
+        click.echo(f"worker: {exc}", err=True)
+        sys.exit(2)
+
+
+@signal_queue_cli.command("worker")
+@worker_options
+def worker_command(**options: Any) -> None:
+    """Run an RQ worker for this app's @deferred receivers (the same command as python worker.py)."""
+    start_worker(current_app._get_current_object(), **options)  # type: ignore[attr-defined]
+
+
+@click.command("worker.py")
+@click.option("--app", "import_path", help="module:app or module:create_app() (default: $SIGNAL_QUEUE_APP, "
+                                           "then $FLASK_APP).")
+@worker_options
+def worker_main(import_path: str | None, **options: Any) -> None:
+    """Run an RQ worker for a Flask app's @deferred signal receivers."""
+    try:
+        app = load_app(import_path)
+    except (ConfigurationError, NoAppException) as exc:
+        click.echo(f"worker: {exc}", err=True)
+        sys.exit(2)
+    start_worker(app, **options)
 
 
 @signal_queue_cli.command("receivers")
 def receivers_command() -> None:
     """List the registered @deferred receivers, their signals and queues."""
-    from .emit import state_for
-    from .registry import receivers
 
     default = state_for(current_app).queue_name
     for r in sorted(receivers, key=lambda r: (r.signal_name, r.name)):
@@ -40,7 +91,6 @@ def receivers_command() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def replay_command(as_json: bool) -> None:
     """Send the batches spooled during a Redis outage (the app also does this by itself)."""
-    from .emit import state_for
 
     dispatcher = state_for(current_app).dispatcher
     batches, events = dispatcher.spool.depth()
@@ -80,17 +130,17 @@ def requeue_command(
     everything: bool, receiver: str | None, ids: tuple[str, ...], queue_names: tuple[str, ...], as_json: bool
 ) -> None:
     """Send failed events back to their queue (RQ's failed registry), e.g. after a fix."""
-    from .emit import state_for
-    from .failures import requeue_failed
 
     if not (everything or receiver or ids):
         raise click.UsageError("say what to requeue: --all, --receiver NAME or --id ID")
     state = state_for(current_app)
-    def progress(count: int) -> None:
-        if count % 100 == 0:
-            click.echo(f"\rrequeued {count}...", err=True, nl=False)
-
-    done = requeue_failed(state, queue_names or state.queue_names(), receiver=receiver, ids=set(ids), progress=progress)
+    found = list(iter_failed(state.connection, queue_names or state.queue_names(), receiver=receiver, ids=set(ids)))
+    done: list[str] = []
+    # RQ's FailedJobRegistry.requeue: the job keeps its id and history.
+    with click.progressbar(found, label="requeueing", file=sys.stderr) as jobs:
+        for queue, job in jobs:
+            queue.failed_job_registry.requeue(job.id)
+            done.append(job.id)
     if as_json:
         click.echo(json.dumps({"requeued": done}))
     else:
@@ -101,17 +151,13 @@ def requeue_command(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def info_command(as_json: bool) -> None:
     """Queues, workers, failed events, the outage spool and the registered receivers."""
-    from rq import Worker
 
-    from .emit import state_for
-    from .registry import receivers
-    from .worker import safe_url
 
     state = state_for(current_app)
     conn = state.connection
     queues: list[dict[str, Any]] = []
     for name in state.queue_names():
-        rq_queue = state.dispatcher.queue(name)
+        rq_queue = state.dispatcher.queue(name)  # counts only: RQ's plain Job class will do
         queues.append(
             {
                 "name": name,
@@ -128,7 +174,6 @@ def info_command(as_json: bool) -> None:
         for w in Worker.all(connection=conn)
         if names & set(w.queue_names())
     ]
-    from .metrics import totals
 
     batches, events = state.dispatcher.spool.depth()
     data: dict[str, Any] = {
@@ -165,11 +210,9 @@ def info_command(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def failed_command(receiver: str | None, as_json: bool) -> None:
     """Failed events (RQ's failed registry): signal, receiver, request path, user, request id, error."""
-    from .emit import state_for
-    from .failures import failed_events
 
     state = state_for(current_app)
-    rows = failed_events(state, state.queue_names(), receiver=receiver)
+    rows = failed_events(state.connection, state.queue_names(), receiver=receiver)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -187,7 +230,6 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
 @signal_queue_cli.command("metrics")
 def metrics_command() -> None:
     """Print the counters in Prometheus' text format (e.g. for node_exporter's textfile collector)."""
-    from .metrics import prometheus_text
 
     click.echo(prometheus_text(current_app._get_current_object()), nl=False)  # type: ignore[attr-defined]
 
@@ -199,12 +241,11 @@ def metrics_command() -> None:
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def purge_command(what: str | None, yes: bool) -> None:
     """Delete failed events, waiting events or the spool. Asks first: what is purged is gone."""
-    from .emit import state_for
 
     if what is None:
         raise click.UsageError("say what to purge: --failed, --queued or --spool")
     state = state_for(current_app)
-    queues = [state.dispatcher.queue(n) for n in state.queue_names()]
+    queues = signal_queues(state.connection, state.queue_names())
     if what == "spool":
         count = state.dispatcher.spool.depth()[1]
     elif what == "failed":
@@ -225,8 +266,7 @@ def purge_command(what: str | None, yes: bool) -> None:
     else:
         for q in queues:
             ids: list[str] = q.failed_job_registry.get_job_ids()
-            for done, job_id in enumerate(ids, 1):
-                q.failed_job_registry.remove(job_id, delete_job=True)
-                if done % 100 == 0 or done == len(ids):  # progress, on stderr
-                    click.echo(f"\rpurging {q.name}: {done}/{len(ids)}", err=True, nl=done == len(ids))
+            with click.progressbar(ids, label=f"purging {q.name}", file=sys.stderr) as progress:
+                for job_id in progress:
+                    q.failed_job_registry.remove(job_id, delete_job=True)
     click.echo(f"purged {count} {what} {unit}")

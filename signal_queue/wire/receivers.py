@@ -9,12 +9,36 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 from rq import Retry
 
-from .exceptions import UnknownReceiver
+from ..exceptions import UnknownReceiver
+
+_muted: ContextVar[bool] = ContextVar("signal_queue.forwarding_muted", default=False)
+
+
+def forwarding_muted() -> bool:
+    """True inside :func:`muted`: forwarding receivers then take no events."""
+    return _muted.get()
+
+
+@contextmanager
+def muted() -> Iterator[None]:
+    """Forward nothing in this block (like blinker's ``Signal.muted``, for every deferred receiver).
+
+    The worker pushes and pops the contexts it builds itself inside it: the
+    signals Flask sends then (``appcontext_pushed`` and friends) are not user
+    emits and must not be deferred again, or a receiver of them would loop.
+    """
+    token = _muted.set(True)
+    try:
+        yield
+    finally:
+        _muted.reset(token)
 
 
 @dataclass(frozen=True)

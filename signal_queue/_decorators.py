@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 from blinker import ANY, Signal
 from rq import Retry
 
-from .emit import emit
 from .exceptions import ConfigurationError, ReceiverNotAddressable
-from .registry import DeferredReceiver, receivers
+from .producer.emit import emit
+from .producer.outbox import install_hooks_everywhere
+from .wire.receivers import DeferredReceiver, receivers
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -152,8 +153,6 @@ def deferred(
             previous.signal.disconnect(previous.forwarder)
         signal.connect(forwarder, sender=sender, weak=False)
         if discard_if_failed:
-            from .outbox import install_hooks_everywhere
-
             install_hooks_everywhere()
         return func
 

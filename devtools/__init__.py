@@ -1,0 +1,1 @@
+"""Tools for developing signal_queue (tests, benchmarks, the demo); not part of the installed package."""

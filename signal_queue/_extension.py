@@ -1,0 +1,75 @@
+"""The Flask extension object: ``SignalQueue(app)``, or ``sq.init_app(app)`` in an app factory."""
+
+from __future__ import annotations
+
+from flask import Flask
+
+from ._cli import signal_queue_cli
+from ._state import DEFAULTS, SignalQueueState, from_env, state_for
+from .exceptions import ConfigurationError
+from .producer.emit import EXTENSION_KEY
+from .producer.outbox import install_request_hooks
+
+
+class SignalQueue:
+    """Defers an app's ``@deferred`` receivers to RQ workers.
+
+    One object can serve several apps, as Flask's extension pattern asks: all
+    per-app state lives in ``app.extensions["signal_queue"]``.
+    """
+
+    def __init__(self, app: Flask | None = None) -> None:
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Set the extension up on ``app``: read its config, make its outbox, add ``flask signal-queue``.
+
+        Each key is read from ``app.config``; one the app does not set is taken
+        from the environment variable of the same name, then from
+        :data:`~signal_queue._state.DEFAULTS`. ``docs/configuration.md`` says more of each.
+
+        - ``SIGNAL_QUEUE_REDIS_URL``: Redis for the queue (``redis://``, ``rediss://``, ``unix://``).
+        - ``SIGNAL_QUEUE_QUEUE``: default RQ queue name.
+        - ``SIGNAL_QUEUE_REDACT_HEADERS``: header names whose values are replaced.
+        - ``SIGNAL_QUEUE_EAGER``: run handlers inline after a JSON round trip (tests).
+        - ``SIGNAL_QUEUE_RETRY``, ``SIGNAL_QUEUE_JOB_TIMEOUT``: defaults for ``@deferred``.
+        - ``SIGNAL_QUEUE_RESULT_TTL``, ``SIGNAL_QUEUE_FAILURE_TTL``: how long RQ keeps records.
+        - ``SIGNAL_QUEUE_SOCKET_TIMEOUT``: Redis connect and read timeout, seconds.
+        - ``SIGNAL_QUEUE_IMPORTS``: modules the worker imports for their receivers.
+        - ``SIGNAL_QUEUE_MAX_RESPONSE_BODY``: largest response body carried to the worker.
+        - ``SIGNAL_QUEUE_DELIVERY``: ``background``, ``after_response`` or ``immediate``.
+        - ``SIGNAL_QUEUE_BATCH_SIZE``: most events in one RQ job.
+        - ``SIGNAL_QUEUE_LINGER``: seconds the background sender lets a batch gather.
+        - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
+        - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
+        - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
+        - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
+        - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
+
+        The client address a receiver sees is ``request.remote_addr`` as the app
+        sees it; behind proxies, use werkzeug's ``ProxyFix``.
+        """
+        if EXTENSION_KEY in app.extensions:
+            raise ConfigurationError(
+                f"SignalQueue is already set up on app {app.name!r}; call init_app once per app"
+            )
+        for key, default in DEFAULTS.items():
+            app.config.setdefault(key, from_env(key, default))
+        state = app.extensions[EXTENSION_KEY] = SignalQueueState(app)
+        install_request_hooks(app, state.outbox)
+        if "signal-queue" not in app.cli.commands:
+            app.cli.add_command(signal_queue_cli)
+
+    @staticmethod
+    def state(app: Flask) -> SignalQueueState:
+        """The extension's state for ``app``."""
+        return state_for(app)
+
+    @staticmethod
+    def close(app: Flask) -> None:
+        """Send what ``app`` has pending, stop its sender thread and release its Redis connections
+        and spool file: for app factories and tests that make many apps. Events the app emits
+        afterwards are still sent, on the emitting thread."""
+        state_for(app).close()
+

@@ -1,0 +1,7 @@
+"""The wire format: what crosses Redis between an app and its workers, and nothing that runs either.
+
+- :mod:`.event`: the event and request snapshot as JSON, the format version, ids;
+- :mod:`.codec`: JSON encoding of kwargs, senders and exceptions;
+- :mod:`.keys`: the job function names, Redis keys and fields the bridge writes;
+- :mod:`.receivers`: the ``@deferred`` receivers by name, the only ones a job may name.
+"""

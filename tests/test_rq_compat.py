@@ -1,0 +1,105 @@
+"""signal_queue's uses of RQ internals (signal_queue.consumer.rq_compat) still fit the installed RQ."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+from typing import Any
+
+import pytest
+import redis
+import rq
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from signal_queue import SignalQueue
+from signal_queue.consumer.job import SignalJob
+from signal_queue.consumer.rq_compat import CHECKED_RQ, MAINTENANCE_LOCK_TTL, MIRRORED, CompatQueue, rq_version_checked
+from signal_queue.consumer.worker import SignalWorker, build_worker
+from tests.conftest import drain
+from tests.misc_app import create_app, misc
+
+
+def resolve(dotted: str) -> Any:
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attr in parts[i:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_installed_rq_is_a_version_the_compat_module_was_checked_against() -> None:
+    """pyproject pins rq to the checked minor versions; an rq outside them fails here first."""
+    assert rq_version_checked(), f"rq {rq.__version__} is not among {CHECKED_RQ}: check rq_compat against it"
+
+
+@pytest.mark.parametrize("name", sorted(MIRRORED))
+def test_mirrored_rq_code_is_unchanged(name: str) -> None:
+    """The RQ code rq_compat copies or overrides is the code it was checked against."""
+    digest = hashlib.sha256(inspect.getsource(resolve(name)).encode()).hexdigest()[:16]
+    assert digest == MIRRORED[name], (
+        f"{name} changed in rq {rq.__version__}: read it against signal_queue/consumer/rq_compat.py, "
+        f"then set its digest to {digest}"
+    )
+
+
+def test_job_taken_but_never_started_goes_back_at_once(redis_url: str) -> None:
+    """A worker that lost Redis between taking a job and starting it returns the job itself.
+
+    RQ's own clean-up would return it only after a minute (its intermediate-queue rule).
+    """
+    app = create_app()
+    with app.app_context():
+        misc.send("x", value="taken")
+    drain(app)
+    conn = redis.Redis.from_url(redis_url)
+    worker = build_worker(SignalQueue.state(app).consumer, url=redis_url)
+    assert isinstance(worker, SignalWorker)
+    queue = Queue("signals", connection=conn, serializer=JSONSerializer)
+    [job_id] = [j.decode() for j in conn.lrange(queue.key, 0, -1)]
+    conn.lmove(queue.key, queue.intermediate_queue_key)  # what RQ's dequeue does
+    job = SignalJob.fetch(job_id, connection=conn, serializer=JSONSerializer)
+    worker.taking = (job_id, queue)
+    worker.prepare_execution(job)  # RQ registers the execution... then Redis went away before the start
+    assert conn.zcard(queue.started_job_registry.key) == 1
+
+    assert worker.return_untaken_job() == job_id
+    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [job_id]
+    assert conn.llen(queue.intermediate_queue_key) == 0
+    assert conn.zcard(queue.started_job_registry.key) == 0, "no stale execution left to look abandoned"
+    assert worker.return_untaken_job() is None, "nothing left to return"
+
+
+def test_maintenance_lock_left_by_a_dead_worker_expires_in_a_minute(redis_url: str) -> None:
+    """Our workers' queues hold RQ's clean-up lock for 60 s, not 899 s, so recovery is not blocked long."""
+    worker = build_worker(SignalQueue.state(create_app()).consumer, url=redis_url)
+    [queue] = worker.queues
+    assert isinstance(queue, CompatQueue)
+    assert queue.acquire_maintenance_lock()
+    assert not queue.acquire_maintenance_lock(), "still one cleaner at a time"
+    conn = redis.Redis.from_url(redis_url)
+    assert 0 < conn.ttl(queue.registry_cleaning_key) <= MAINTENANCE_LOCK_TTL == 60
+
+
+def test_the_worker_notes_the_job_it_takes_before_running_it(redis_url: str) -> None:
+    """The note is made when RQ takes the job, so a failure right after (a heartbeat) still knows it."""
+    app = create_app()
+    with app.app_context():
+        misc.send("x", value="noted")
+    drain(app)
+    worker = build_worker(SignalQueue.state(app).consumer, url=redis_url)
+    CompatQueue.taken = None
+    result = CompatQueue.dequeue_any(
+        worker.queues, None, connection=worker.connection, job_class=SignalJob, serializer=worker.serializer
+    )
+    assert result is not None
+    job, queue = result
+    assert CompatQueue.taken == (job.id, queue)
+    assert worker.return_untaken_job() == job.id, "taken, not started: put back"
+    assert redis.Redis.from_url(redis_url).lrange(queue.key, 0, -1) == [job.id.encode()]
