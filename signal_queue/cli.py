@@ -66,8 +66,10 @@ def replay_command(as_json: bool) -> None:
     else:
         click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
-        raise click.ClickException(f"{left} event(s) are still spooled: Redis at {state_for(current_app).redis_url} "
-                                   "did not take them")
+        from .extension import safe_url
+
+        shown = safe_url(state_for(current_app).redis_url)
+        raise click.ClickException(f"{left} event(s) are still spooled: Redis at {shown} did not take them")
 
 
 @signal_queue_cli.command("requeue")
@@ -104,8 +106,8 @@ def info_command(as_json: bool) -> None:
     from rq import Worker
 
     from .emit import state_for
+    from .extension import safe_url
     from .registry import receivers
-    from .worker import safe_url
 
     state = state_for(current_app)
     conn = state.connection

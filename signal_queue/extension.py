@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_plus
 
 import redis
 from flask import Flask
@@ -59,13 +61,91 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: What a password is shown as.
+MASK = "***"
+
+
+def safe_url(url: str) -> str:
+    """``url`` as every message, log line and CLI output shows it: passwords replaced by ``***``.
+
+    Masks the userinfo's password (``redis://user:***@host``; a userinfo without ``:``
+    is masked whole, as some clients read it as a password) and the value of any query
+    parameter whose name contains ``password`` (``?password=***``, ``?ssl_password=***``),
+    for every scheme and also for URLs that urllib or redis-py cannot parse: the userinfo
+    is taken to end at the last ``@``, so a password holding an unencoded ``/``, ``?``,
+    ``#`` or ``@`` is masked whole. When in doubt it masks more (a query holding an ``@``
+    is shown from the host on as userinfo), never less.
+    """
+    return _mask_url(url)[0]
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets :func:`safe_url` masks in ``url`` (empty when it shows ``url`` unchanged)."""
+    return _mask_url(url)[1]
+
+
+def hide_secrets(text: str, url: str) -> str:
+    """``text``, a message about ``url`` (a redis-py or urllib error), with ``url``'s secrets masked.
+
+    Such messages may quote part of the URL: redis-py's "Port could not be cast to integer
+    value as '...'" quotes what follows the first ``:`` of an unparsable userinfo, the
+    start of a password that holds a ``/``. So each secret, decoded or not, and each of its
+    pieces between URL delimiters (3 characters or more) is replaced.
+    """
+    pieces: set[str] = set()
+    for secret in url_secrets(url):
+        for form in (secret, unquote_plus(secret)):
+            pieces.add(form)
+            pieces.update(p for p in re.split(r"[/?#@:&;=]", form) if len(p) >= 3)
+    for piece in sorted(pieces, key=len, reverse=True):
+        if piece:
+            text = text.replace(piece, MASK)
+    return text
+
+
+def _mask_url(url: str) -> tuple[str, list[str]]:
+    secrets: list[str] = []
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    userinfo, at, tail = rest.rpartition("@")
+    if at and userinfo:
+        user, colon, password = userinfo.partition(":")
+        if colon and password:
+            secrets.append(password)
+            userinfo = f"{user}:{MASK}"
+        elif not colon:
+            secrets.append(user)
+            userinfo = MASK
+        head = f"{userinfo}@"
+    else:
+        head, tail = "", rest
+    path, question, query = tail.partition("?")
+    if question:
+        shown: list[str] = []
+        in_secret = False
+        for part in query.split("&"):
+            name, equals, value = part.partition("=")
+            if equals and "password" in unquote_plus(name).lower():
+                in_secret = True
+                secrets.append(value)
+                shown.append(f"{name}={MASK}")
+            elif in_secret and not equals:
+                secrets.append(part)  # an unencoded "&" in the password: redis-py reads less, we hide all
+            else:
+                in_secret = False
+                shown.append(part)
+        tail = f"{path}?{'&'.join(shown)}"
+    return f"{scheme}{sep}{head}{tail}", [s for s in secrets if s]
+
+
 class SignalQueueState:
     """Per-app state, kept in ``app.extensions["signal_queue"]``."""
 
     def __init__(self, app: Flask) -> None:
         config = app.config
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
-        self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
+        self.redis_url: str = _redis_url(config)
         self.trusted_proxies: int = _int(config, "SIGNAL_QUEUE_TRUSTED_PROXIES", minimum=0)
         self.max_event_bytes: int = _int(config, "SIGNAL_QUEUE_MAX_EVENT_BYTES", minimum=1)
         self.abandoned_after: int = _int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2)
@@ -83,7 +163,10 @@ class SignalQueueState:
                 self.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
             )
         except ValueError as exc:
-            raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL {self.redis_url!r} is not valid: {exc}") from None
+            raise ConfigurationError(
+                f"SIGNAL_QUEUE_REDIS_URL {safe_url(self.redis_url)!r} is not valid: "
+                f"{hide_secrets(str(exc), self.redis_url)}"
+            ) from None
         try:
             self.default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
         except ConfigurationError as exc:
@@ -219,6 +302,15 @@ def _str(config: Any, key: str) -> str:
     value = config[key]
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _redis_url(config: Any) -> str:
+    """``SIGNAL_QUEUE_REDIS_URL``; a wrong value is described, never echoed (it may hold a password)."""
+    value = config["SIGNAL_QUEUE_REDIS_URL"]
+    if not isinstance(value, str) or not value:
+        what = "an empty string" if value == "" else f"a value of type {type(value).__name__}"
+        raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL must be a non-empty string, got {what}")
     return value
 
 

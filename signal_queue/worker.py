@@ -12,7 +12,6 @@ import argparse
 import importlib
 import logging
 import os
-import re
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ from rq.worker import WorkerStatus
 
 from .emit import state_for
 from .exceptions import ConfigurationError
+from .extension import hide_secrets, safe_url, url_secrets
 from .jobs import SignalJob, bind_worker_app
 
 logger = logging.getLogger("signal_queue.worker")
@@ -245,7 +245,7 @@ def run_worker(
                 burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
             )
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("signal_queue: worker lost Redis (%s)", exc)
+            logger.warning("signal_queue: worker lost Redis (%s)", hide_secrets(str(exc), redis_url))
         else:
             if burst or max_jobs is not None or _stopping(worker):
                 return worked
@@ -264,29 +264,28 @@ def _stopping(worker: Worker | SimpleWorker) -> bool:
     return bool(worker._stop_requested or getattr(worker, "_shutdown_requested_date", None))
 
 
-def safe_url(url: str) -> str:
-    """``url`` with any password replaced, for messages."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
 def wait_for_redis(url: str, longest: float = 10.0) -> None:
     """Return when Redis at ``url`` answers PING; wait with backoff meanwhile.
 
-    A wrong password or database fails at once with :class:`ConfigurationError`:
-    waiting would not fix it.
+    A wrong password or database, or a URL that does not parse, fails at once with
+    :class:`ConfigurationError`: waiting would not fix it. Messages show the URL masked.
     """
     delay = 0.2
     while True:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        except ValueError as exc:
+            raise ConfigurationError(f"Redis URL {safe_url(url)} is not valid: {hide_secrets(str(exc), url)}") from None
         try:
             client.ping()
             return
         except (redis.AuthenticationError, redis.ResponseError) as exc:
             raise ConfigurationError(
-                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {exc}"
+                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {hide_secrets(str(exc), url)}"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s", safe_url(url), exc, delay)
+            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s",
+                           safe_url(url), hide_secrets(str(exc), url), delay)
         finally:
             client.close()
         time.sleep(delay)
@@ -319,7 +318,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("queues", nargs="*", help="queue names (default: all the app's deferred queues)")
     parser.add_argument("--app", help="module:app or module:create_app() (default: $SIGNAL_QUEUE_APP, then $FLASK_APP)")
-    parser.add_argument("--url", help="Redis URL (default: the app's SIGNAL_QUEUE_REDIS_URL)")
+    parser.add_argument(
+        "--url",
+        help="Redis URL (default: the app's SIGNAL_QUEUE_REDIS_URL, which the environment variable of that name "
+        "sets); one with a password is visible to every user of the host in the process list: use the environment",
+    )
     parser.add_argument("--burst", action="store_true", help="quit when the queues are empty")
     parser.add_argument("--worker-class", choices=sorted(WORKER_CLASSES), default="simple")
     parser.add_argument("--name", help="worker name shown by rq info")
@@ -333,6 +336,13 @@ def main(argv: Sequence[str] | None = None, app: Flask | None = None) -> int:
     """Entry point of ``python worker.py`` and, with the app already loaded, ``flask signal-queue worker``."""
     args = parse_args(argv)
     _log_to_stderr(args.logging_level)
+    if args.url and url_secrets(args.url):
+        logger.warning(
+            "signal_queue: --url %s carries a password, which is visible to every user of this host in the "
+            "process list (ps, /proc/<pid>/cmdline); set SIGNAL_QUEUE_REDIS_URL in the worker's environment "
+            "(or the app's config) instead",
+            safe_url(args.url),
+        )
     try:
         run_worker(
             app or load_app(args.app),
