@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -19,9 +20,10 @@ from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
 from .exceptions import ConfigurationError
 from .metrics import prometheus_text, totals
 from .wire.receivers import receivers
-from .wire.redis_url import safe_url
+from .wire.redis_url import safe_url, url_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("signal_queue.worker")
 
 signal_queue_cli = AppGroup("signal-queue", help="Run and inspect deferred signal receivers.")
 
@@ -30,8 +32,9 @@ def worker_options(command: F) -> F:
     """The worker's options, for ``flask signal-queue worker`` and ``python worker.py`` alike."""
     options = [
         click.argument("queues", nargs=-1),
-        click.option("--url", help="Redis URL (default: the app's SIGNAL_QUEUE_REDIS_URL; a password here "
-                                   "shows in the process list, so prefer the environment)."),
+        click.option("--url", help="Redis URL (default: the app's SIGNAL_QUEUE_REDIS_URL, which the environment "
+                                   "variable of that name sets); one with a password is visible to every user of "
+                                   "the host in the process list: use the environment."),
         click.option("--burst", is_flag=True, help="Quit when the queues are empty."),
         click.option("--worker-class", type=click.Choice(sorted(WORKER_CLASSES)), default="simple",
                      show_default=True, help="simple: run jobs in this process; fork: a work horse per job."),
@@ -48,6 +51,14 @@ def worker_options(command: F) -> F:
 def start_worker(app: Flask, queues: tuple[str, ...], no_scheduler: bool, logging_level: str, **options: Any) -> None:
     """Run a worker for ``app`` until stopped; a setup error exits 2 with one line on stderr."""
     log_to_stderr(logging_level)
+    url = options.get("url")
+    if url and url_secrets(url):
+        logger.warning(
+            "signal_queue: --url %s carries a password, which is visible to every user of this host in the "
+            "process list (ps, /proc/<pid>/cmdline); set SIGNAL_QUEUE_REDIS_URL in the worker's environment "
+            "(or the app's config) instead",
+            safe_url(url),
+        )
     try:
         run_worker(
             state_for(app).consumer, queues, logging_level=logging_level, with_scheduler=not no_scheduler, **options
@@ -116,8 +127,8 @@ def replay_command(as_json: bool) -> None:
     else:
         click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
-        raise click.ClickException(f"{left} event(s) are still spooled: Redis at {state_for(current_app).redis_url} "
-                                   "did not take them")
+        shown = safe_url(state_for(current_app).redis_url)
+        raise click.ClickException(f"{left} event(s) are still spooled: Redis at {shown} did not take them")
 
 
 @signal_queue_cli.command("requeue")

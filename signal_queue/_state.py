@@ -18,7 +18,7 @@ from .producer.emit import Producer, producer_for
 from .producer.outbox import DELIVERY_MODES, Outbox
 from .producer.spool import Spool
 from .wire.codec import Codec
-from .wire.redis_url import safe_url
+from .wire.redis_url import hide_secrets, safe_url
 
 
 class EventSink(Protocol):
@@ -81,7 +81,7 @@ class SignalQueueState(Producer):
             if key in config or key in os.environ:
                 raise ConfigurationError(f"{key} is no longer read: {fix}")
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
-        self.redis_url: str = _str(config, "SIGNAL_QUEUE_REDIS_URL")
+        self.redis_url: str = _redis_url(config)
         _bool(config, "SIGNAL_QUEUE_EAGER")
         self._config = config
         codec = Codec(
@@ -98,7 +98,8 @@ class SignalQueueState(Producer):
             )
         except ValueError as exc:
             raise ConfigurationError(
-                f"SIGNAL_QUEUE_REDIS_URL {safe_url(self.redis_url)!r} is not valid: {exc}"
+                f"SIGNAL_QUEUE_REDIS_URL {safe_url(self.redis_url)!r} is not valid: "
+                f"{hide_secrets(str(exc), self.redis_url)}"
             ) from None
         try:
             default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
@@ -208,6 +209,15 @@ def _str(config: Any, key: str) -> str:
     value = config[key]
     if not isinstance(value, str) or not value:
         raise ConfigurationError(f"{key} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _redis_url(config: Any) -> str:
+    """``SIGNAL_QUEUE_REDIS_URL``; a wrong value is described, never echoed (it may hold a password)."""
+    value = config["SIGNAL_QUEUE_REDIS_URL"]
+    if not isinstance(value, str) or not value:
+        what = "an empty string" if value == "" else f"a value of type {type(value).__name__}"
+        raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL must be a non-empty string, got {what}")
     return value
 
 

@@ -83,6 +83,33 @@ def test_compose_environment_is_documented() -> None:
         assert volume in COMPOSE["volumes"]
 
 
+def test_dashboard_is_published_on_loopback_only() -> None:
+    """rq-dashboard deletes jobs and empties queues: its port is bound to 127.0.0.1, never to all interfaces."""
+    ports = COMPOSE["services"]["dashboard"]["ports"]
+    assert ports == ["127.0.0.1:9181:9181"]
+    for service in COMPOSE["services"].values():
+        for port in service.get("ports") or []:
+            if str(port).rsplit(":", 1)[-1] == "9181":
+                assert str(port).startswith("127.0.0.1:"), port
+
+
+def test_dashboard_image_is_pinned_to_a_version() -> None:
+    """The dashboard image names a release tag: not `latest`, not missing."""
+    image = COMPOSE["services"]["dashboard"]["image"]
+    name, _, tag = image.rpartition(":")
+    assert name == "cjlapao/rq-dashboard", image
+    assert tag != "latest" and re.fullmatch(r"\d+\.\d+\.\d+(\.\d+)?", tag), f"{image} is not pinned to a version"
+
+
+def test_dashboard_takes_its_login_from_the_environment_and_reads_json() -> None:
+    """Basic auth comes from RQ_DASHBOARD_USERNAME/PASSWORD when set (no password written in the file), and the
+    dashboard uses RQ's JSON serializer, as the bridge's jobs do."""
+    env = COMPOSE["services"]["dashboard"]["environment"]
+    assert env["RQ_DASHBOARD_USERNAME"] == "${RQ_DASHBOARD_USERNAME:-}"
+    assert env["RQ_DASHBOARD_PASSWORD"] == "${RQ_DASHBOARD_PASSWORD:-}"
+    assert env["RQ_DASHBOARD_JSON"] == "true"
+
+
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "examples" / "demo.py")],

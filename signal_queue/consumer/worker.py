@@ -23,7 +23,7 @@ from rq import SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
-from ..wire.redis_url import safe_url
+from ..wire.redis_url import hide_secrets, safe_url
 from .job import SignalJob
 from .rq_compat import CompatQueue, CompatWorker, stop_requested
 from .run import Consumer, bind
@@ -128,7 +128,7 @@ def run_worker(
                 burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
             )
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("signal_queue: worker lost Redis (%s)", exc)
+            logger.warning("signal_queue: worker lost Redis (%s)", hide_secrets(str(exc), redis_url))
         else:
             if burst or max_jobs is not None or stop_requested(worker):
                 return worked
@@ -144,21 +144,25 @@ def run_worker(
 def wait_for_redis(url: str, longest: float = 10.0) -> None:
     """Return when Redis at ``url`` answers PING; wait with backoff meanwhile.
 
-    A wrong password or database fails at once with :class:`ConfigurationError`:
-    waiting would not fix it.
+    A wrong password or database, or a URL that does not parse, fails at once with
+    :class:`ConfigurationError`: waiting would not fix it. Messages show the URL masked.
     """
     delay = 0.2
     while True:
-        client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        try:
+            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        except ValueError as exc:
+            raise ConfigurationError(f"Redis URL {safe_url(url)} is not valid: {hide_secrets(str(exc), url)}") from None
         try:
             client.ping()
             return
         except (redis.AuthenticationError, redis.ResponseError) as exc:
             raise ConfigurationError(
-                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {exc}"
+                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {hide_secrets(str(exc), url)}"
             ) from None
         except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s", safe_url(url), exc, delay)
+            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s",
+                           safe_url(url), hide_secrets(str(exc), url), delay)
         finally:
             client.close()
         time.sleep(delay)
