@@ -29,7 +29,6 @@ from rq import Queue, Retry
 from rq.job import Job, JobStatus, get_current_job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
-from rq.utils import now
 
 from ..exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch
 from ..wire.codec import Codec
@@ -370,7 +369,8 @@ def record_failed_event(
             assert retry is not None
             interval = Retry.get_interval(attempt - 1, retry.intervals)
             if interval > 0:
-                queue.schedule_job(new, now() + dt.timedelta(seconds=interval), pipeline=pipe)
+                when = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=interval)
+                queue.schedule_job(new, when, pipeline=pipe)
             else:
                 queue.enqueue_job(new, pipeline=pipe)
         else:
