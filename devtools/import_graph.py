@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The package's import graph: cycles, imports inside functions, and imports that break the layers.
 
-    python scripts/import_graph.py            # a report; exit 1 if there is a cycle or a layer break
+    python devtools/import_graph.py           # a report; exit 1 if there is a cycle or a layer break
 
 Reads the source with ``ast`` (nothing is imported or run). Imports under
 ``if TYPE_CHECKING:`` count too: a module that needs another's types depends on it.
