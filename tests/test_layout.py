@@ -119,7 +119,8 @@ def test_jobs_queued_by_the_first_layout_run_on_the_new_worker(
         "emitted_at": "2026-11-01T10:00:00+00:00", "sender": "view", "kwargs": {"value": "old"}, "g": {},
     }
     if function == RUN_EVENTS:
-        args: tuple[object, ...] = ([dict(event, request={"ref": "client-rid", "user": None})], {"client-rid": snapshot})
+        batch = [dict(event, request={"ref": "client-rid", "user": None})]
+        args: tuple[object, ...] = (batch, {"client-rid": snapshot})
     else:
         args = (dict(event, request=dict(snapshot, user=None)),)
     queue = Queue("signals", connection=conn, serializer=JSONSerializer)
