@@ -321,11 +321,15 @@ def test_worker_denied_by_an_acl_exits_2_at_once(tmp_path: Path, app_on: Callabl
         server.kill()
 
 
+@pytest.mark.parametrize("down", [0, 7], ids=["restarted-at-once", "down-7s"])
 def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
-    tmp_path: Path, app_on: Callable[[str], Flask]
+    tmp_path: Path, app_on: Callable[[str], Flask], down: float
 ) -> None:
     """Redis without persistence SIGKILLed and restarted under a backlog: worker and app each log one WARNING
-    naming the restart, the worker is listed again (rq info), and events emitted after it are all handled."""
+    naming the restart, the worker is listed again (rq info), and events emitted after it are all handled.
+
+    Restarted at once, redis-py reconnects by itself and nothing fails (the worker's heartbeat finds it
+    unlisted); down for 7 s, past redis-py's retries, the worker's loop ends and it waits for Redis."""
     server = RedisProcess()
     server.start()
     conn = redis.Redis.from_url(server.url)
@@ -340,6 +344,11 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
     try:
         wait_for("the worker to be under way", lambda: len(handled(log)) >= 2000 and listed(conn), 60, worker)
         server.kill()
+        if down:
+            killed = time.monotonic()
+            wait_for("the worker to find Redis gone",
+                     lambda: bool(lines_with(worker_log(log), "cannot be reached")), 30, worker)
+            wait_for(f"Redis to stay down {down} s", lambda: time.monotonic() - killed >= down, down + 1, worker)
         server.start()
         at_restart = len(handled(log))
         registered = wait_for("the worker to register again", lambda: listed(conn), 30, worker)
@@ -353,10 +362,10 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
         lost, twice = once_each(rows, {str(n) for n in range(before)})
         lost_after, twice_after = once_each(rows, {str(n) for n in range(before, before + after)})
         app_warnings = [r.getMessage() for r in records if "restarted without its data" in r.getMessage()]
-        print(f"\nrestart empty: backlog {before}, {at_restart} handled at the restart, lost {lost} (vanished with "
-              f"Redis), run twice {twice}; worker registered again {registered:.1f}s and warned {warned:.1f}s after "
-              f"the restart; {after} emitted after: lost {lost_after}, run twice {twice_after}; app warnings "
-              f"{len(app_warnings)}")
+        print(f"\nrestart empty (down {down} s): backlog {before}, {at_restart} handled at the restart, "
+              f"lost {lost} (vanished with Redis), run twice {twice}; worker registered again {registered:.1f}s "
+              f"and warned {warned:.1f}s after the restart; {after} emitted after: lost {lost_after}, "
+              f"run twice {twice_after}; app warnings {len(app_warnings)}")
         worker_warnings = lines_with(text, "WARNING", "restarted without its data")
         assert len(worker_warnings) == 1, sq_lines(text)
         assert "run id " in worker_warnings[0] and "appendonly" in worker_warnings[0]
@@ -369,5 +378,43 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
         assert worker.poll() is None
     finally:
         logging.getLogger("signal_queue").removeHandler(handler)
+        stop(worker)
+        server.kill()
+
+
+def test_idle_worker_waits_for_redis_with_one_line_and_registers_again(
+    tmp_path: Path, app_on: Callable[[str], Flask]
+) -> None:
+    """An idle worker whose Redis is down 7 s (past redis-py's own retries) and back empty: one line while it
+    waits, one when Redis takes writes, one WARNING naming the restart; it is listed again and runs new events."""
+    server = RedisProcess()
+    server.start()
+    conn = redis.Redis.from_url(server.url)
+    log = tmp_path / "handled.log"
+    app = app_on(server.url)
+    worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))
+    try:
+        emit_backlog(app, range(10))
+        wait_for("the worker to be idle", lambda: len(handled(log)) == 10 and listed(conn), 60, worker)
+        server.kill()
+        killed = time.monotonic()
+        wait_for("the worker to find Redis gone", lambda: bool(lines_with(worker_log(log), "cannot be reached")),
+                 30, worker)
+        wait_for("Redis to stay down 7 s", lambda: time.monotonic() - killed >= 7, 8, worker)
+        server.start()
+        registered = wait_for("the worker to register again", lambda: listed(conn), 30, worker)
+        emit_backlog(app, range(10, 20))
+        wait_for("the events emitted after the restart", lambda: len(handled(log)) == 20, 30, worker)
+        text = worker_log(log)
+        print(f"\nidle, down 7 s: registered again {registered:.1f}s after the restart; "
+              f"lines while down {len(lines_with(text, 'cannot be reached'))}, "
+              f"RQ's per-try lines {len(lines_with(text, 'could not connect'))}")
+        assert len(lines_with(text, "cannot be reached")) == 1, sq_lines(text)
+        assert len(lines_with(text, "could not connect")) <= 1, sq_lines(text)
+        assert len(lines_with(text, RECOVERED, "starting a new worker")) == 1, sq_lines(text)
+        assert len(lines_with(text, "WARNING", "restarted without its data")) == 1, sq_lines(text)
+        assert registered < 10
+        assert sorted(int(r[0]) for r in handled(log)) == list(range(20))
+    finally:
         stop(worker)
         server.kill()

@@ -296,10 +296,14 @@ class RedisWatch:
         loss = data_loss(before, now)
         if loss is not None:
             reason, advice = loss
-            lost = "the jobs queued before" if queued is None else (
-                f"the {queued} queued job(s) (each a batch of events) waiting when this worker last looked"
-            )
-            logger.warning("signal_queue: %s; %s may have been lost; %s", reason, lost, advice)
+            if queued is None:
+                lost = "the jobs queued before it may have been lost"
+            elif queued == 0:
+                lost = "no job was waiting when this worker last looked; any queued since may have been lost"
+            else:
+                lost = (f"the {queued} queued job(s) (each a batch of events) waiting when this worker last "
+                        "looked may have been lost")
+            logger.warning("signal_queue: %s; %s; %s", reason, lost, advice)
         elif restarted_with_data(before, now):
             assert before is not None
             logger.info("signal_queue: Redis at %s restarted (run id %s -> %s) and kept its data",
