@@ -128,7 +128,7 @@ def test_worker_waits_while_redis_is_full_and_resumes_by_itself(tmp_path: Path, 
     server.start()
     conn = redis.Redis.from_url(server.url)
     log = tmp_path / "handled.log"
-    total = 30_000
+    total = 12_000
     emit_backlog(app_on(server.url), range(total))
     worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))
     try:
@@ -181,7 +181,7 @@ def test_worker_on_a_read_only_replica_waits_until_it_is_promoted(
     try:
         wait_for("the READONLY line", lambda: bool(lines_with(worker_log(log), "(READONLY)")), 30, worker)
         refused = error_count(on_replica, "READONLY")
-        wait_for("the worker to retry on the replica", lambda: error_count(on_replica, "READONLY") >= refused + 4, 60,
+        wait_for("the worker to retry on the replica", lambda: error_count(on_replica, "READONLY") >= refused + 3, 60,
                  worker)
         assert handled(log) == [] and worker.poll() is None
         on_replica.replicaof("NO", "ONE")
@@ -219,11 +219,11 @@ def test_worker_waits_while_restarted_redis_loads_its_data(tmp_path: Path, app_o
     wait_for("the AOF rewrite", lambda: not conn.info("persistence")["aof_rewrite_in_progress"]
              and not conn.info("persistence")["aof_rewrite_scheduled"], 30)
     log = tmp_path / "handled.log"
-    total = 30_000
+    total = 10_000
     emit_backlog(app_on(server.url), range(total))
     worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))
     try:
-        wait_for("the worker to be under way", lambda: len(handled(log)) >= 3000, 60, worker)
+        wait_for("the worker to be under way", lambda: len(handled(log)) >= 2000, 60, worker)
         server.kill()
         server.start(until_loaded=False)
         restarted = time.monotonic()
@@ -261,7 +261,7 @@ def test_worker_waits_while_a_script_keeps_redis_busy(tmp_path: Path, app_on: Ca
     conn = redis.Redis.from_url(server.url)
     conn.config_set("busy-reply-threshold", 100)
     log = tmp_path / "handled.log"
-    total = 30_000
+    total = 12_000
     emit_backlog(app_on(server.url), range(total))
     worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))
     script = threading.Thread(target=_spin, args=(server.url,), daemon=True)
@@ -338,7 +338,7 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
     records = handler.records
     logging.getLogger("signal_queue").addHandler(handler)
     app = app_on(server.url)
-    before, after = 20_000, 500
+    before, after = 10_000, 500
     emit_backlog(app, range(before))
     worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))
     try:
@@ -346,8 +346,6 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
         server.kill()
         if down:
             killed = time.monotonic()
-            wait_for("the worker to find Redis gone",
-                     lambda: bool(lines_with(worker_log(log), "cannot be reached")), 30, worker)
             wait_for(f"Redis to stay down {down} s", lambda: time.monotonic() - killed >= down, down + 1, worker)
         server.start()
         at_restart = len(handled(log))
@@ -398,8 +396,6 @@ def test_idle_worker_waits_for_redis_with_one_line_and_registers_again(
         wait_for("the worker to be idle", lambda: len(handled(log)) == 10 and listed(conn), 60, worker)
         server.kill()
         killed = time.monotonic()
-        wait_for("the worker to find Redis gone", lambda: bool(lines_with(worker_log(log), "cannot be reached")),
-                 30, worker)
         wait_for("Redis to stay down 7 s", lambda: time.monotonic() - killed >= 7, 8, worker)
         server.start()
         registered = wait_for("the worker to register again", lambda: listed(conn), 30, worker)
@@ -409,11 +405,11 @@ def test_idle_worker_waits_for_redis_with_one_line_and_registers_again(
         print(f"\nidle, down 7 s: registered again {registered:.1f}s after the restart; "
               f"lines while down {len(lines_with(text, 'cannot be reached'))}, "
               f"RQ's per-try lines {len(lines_with(text, 'could not connect'))}")
+        assert registered < 10
+        assert len(lines_with(text, "WARNING", "restarted without its data")) == 1, sq_lines(text)
         assert len(lines_with(text, "cannot be reached")) == 1, sq_lines(text)
         assert len(lines_with(text, "could not connect")) <= 1, sq_lines(text)
         assert len(lines_with(text, RECOVERED, "starting a new worker")) == 1, sq_lines(text)
-        assert len(lines_with(text, "WARNING", "restarted without its data")) == 1, sq_lines(text)
-        assert registered < 10
         assert sorted(int(r[0]) for r in handled(log)) == list(range(20))
     finally:
         stop(worker)
