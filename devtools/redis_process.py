@@ -13,9 +13,12 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 
 class RedisNotFound(RuntimeError):
@@ -45,7 +48,7 @@ def find_redis_server() -> str | None:
 class RedisProcess:
     """One redis-server process on a free port; ``start``, ``kill`` and ``start`` again."""
 
-    def __init__(self, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(self, port: int | None = None, persistent: bool = False, args: Sequence[str] = ()) -> None:
         binary = find_redis_server()
         if binary is None:
             raise RedisNotFound(
@@ -56,14 +59,17 @@ class RedisProcess:
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="signal-queue-redis-"))
         self.persistent = persistent
+        #: More redis-server options, e.g. ``("--key-load-delay", "50")``.
+        self.args = tuple(args)
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> None:
-        """Start the server and wait until it answers PING."""
+    def start(self, timeout: float = 10.0, until_loaded: bool = True) -> None:
+        """Start the server and wait until it answers PING (or, without ``until_loaded``,
+        until it answers at all: LOADING while it reads its data back)."""
         self.process = subprocess.Popen(
             [
                 self.binary,
@@ -75,16 +81,24 @@ class RedisProcess:
                 "--appendfsync", "always",
                 "--dir", str(self.dir),
                 "--logfile", str(self.dir / "redis.log"),
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        # No redis-py retries: each try says at once whether the server is up or loading.
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2, retry=Retry(NoBackoff(), 0))
         deadline = time.monotonic() + timeout
         while True:
             try:
                 client.ping()
                 return
+            except redis.BusyLoadingError:
+                if not until_loaded:
+                    return
+                if time.monotonic() > deadline:
+                    raise RedisNotFound(f"redis-server on port {self.port} still loading after {timeout} s") from None
+                time.sleep(0.02)
             except redis.ConnectionError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
                     raise RedisNotFound(

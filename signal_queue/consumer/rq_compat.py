@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import redis
 import rq
 from rq import Queue, SimpleWorker
-from rq.exceptions import DeserializationError
+from rq.exceptions import DeserializationError, StopRequested
 from rq.job import Job
 from rq.results import Result
 from rq.utils import as_text, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
+from rq.worker_registration import register as register_worker
+
+from .redis_faults import describe, transient_cause
 
 #: The RQ minor versions this module was checked against.
 CHECKED_RQ = ("3.0",)
@@ -43,6 +49,18 @@ MIRRORED = {
     "rq.intermediate_queue.IntermediateQueue.get_first_seen_key": "59872b5c87c5bd19",
     "rq.intermediate_queue.IntermediateQueue.should_be_cleaned_up": "adb9f8c95fc4d7b5",
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
+    # FaultAwareWorker: the loop ends quietly on StopRequested (RedisFault is one); the dequeue
+    # loop retries connection errors itself, a line per try; the five calls the loop makes.
+    "rq.worker.BaseWorker.work": "04b5cdf8e554d8a2",
+    "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",
+    "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
+    "rq.worker.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",
+    "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
+    "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
+    "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",
+    "rq.worker.BaseWorker.should_run_maintenance_tasks.fget": "eda86dbb1a00e8a8",
+    "rq.worker_registration.register": "757bc1c839a259c8",
+    "rq.worker.BaseWorker.register_death": "cb2b0be150213a99",
     "rq.utils.str_to_date": "7e4d7f7531e244f7",
 }
 
@@ -102,6 +120,132 @@ class CompatJob(Job):
         """Add to the pipeline that marks the job started (it costs no round trip)."""
 
 
+class RedisFault(StopRequested):
+    """A Redis error inside RQ's work loop, raised as the one exception that loop ends on quietly.
+
+    rq 3.0 ``BaseWorker.work`` breaks out of its loop on ``StopRequested`` (and runs
+    its teardown); any other error is logged with a traceback as "unhandled". The
+    error itself is kept in :attr:`FaultAwareWorker.redis_fault` for ``run_worker``,
+    which waits for Redis or exits according to what it was.
+    """
+
+    def __init__(self, error: redis.RedisError) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error
+
+
+class FaultAwareWorker(BaseWorker):
+    """RQ's worker loop, ended by any Redis error instead of retried or logged as a crash, and
+    registered again when Redis no longer lists it.
+
+    The heartbeat RQ sends before and after each job (three commands, three round trips in
+    rq 3.0) goes in one pipeline here, and reads on the way whether Redis still lists the
+    worker and how many jobs wait in its queues: a Redis that restarted empty while the
+    client reconnected by itself (redis-py retries) shows up at the next heartbeat.
+    """
+
+    #: The Redis error that ended :meth:`work`, if one did.
+    redis_fault: redis.RedisError | None = None
+    #: Jobs waiting in this worker's queues at its last heartbeat.
+    queued_seen: int | None = None
+    #: Called (with ``queued_seen`` before that heartbeat) after the worker registered again.
+    on_registration_lost: Callable[[int | None], None] | None = None
+    _pubsub_failing = False
+
+    def _fault(self, exc: redis.RedisError) -> RedisFault:
+        self.redis_fault = exc
+        return RedisFault(exc)
+
+    # rq 3.0 BaseWorker.work calls these five in its loop; each talks to Redis.
+
+    def check_for_suspension(self, burst: bool) -> None:
+        try:
+            super().check_for_suspension(burst)
+        except redis.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def run_maintenance_tasks(self) -> None:
+        try:
+            super().run_maintenance_tasks()  # type: ignore[no-untyped-call]
+        except redis.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        try:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        except RedisFault as fault:
+            self.redis_fault = fault.error
+            raise
+        except redis.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            super().execute_job(job, queue)
+        except RedisFault as fault:
+            self.redis_fault = fault.error
+            raise
+        except redis.RedisError as exc:
+            raise self._fault(exc) from exc
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        # rq 3.0 BaseWorker.heartbeat: HSET last_heartbeat, EXPIRE the worker and its executions.
+        if pipeline is not None:  # part of RQ's own pipeline (job start, job heartbeats)
+            super().heartbeat(timeout, pipeline)
+            return
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                super().heartbeat(timeout, pipe)
+                pipe.sismember(self.redis_workers_keys, self.key)
+                for queue in self.queues:
+                    pipe.llen(queue.key)
+                replies = pipe.execute()
+        except redis.RedisError as exc:
+            raise self._fault(exc) from exc
+        queued_before, self.queued_seen = self.queued_seen, sum(replies[4:])
+        self._pubsub_failing = False  # Redis answers: the channel's next loss gets its line
+        if not replies[3]:
+            self.register_again(queued_before)
+
+    def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
+        # rq 3.0 BaseWorker._pubsub_exception_handler: the thread that listens for `rq` commands
+        # logs an ERROR every 2 s while Redis is away (and redis-py reconnects it). One line here.
+        if not isinstance(exc, redis.ConnectionError):
+            super()._pubsub_exception_handler(exc, pubsub, pubsub_thread)
+            return
+        if not self._pubsub_failing:
+            self.log.warning("signal_queue: worker %s: its command channel lost Redis (%s); it reconnects by itself",
+                             self.name, exc)
+            self._pubsub_failing = True
+        time.sleep(2.0)
+
+    def register_again(self, queued_before: int | None) -> None:
+        """Write this worker's registration again, as ``register_birth`` does, so ``rq info`` lists it.
+
+        rq 3.0 ``register_birth`` refuses a name whose hash exists without a death
+        date, which the heartbeat just wrote; this writes the same keys without that check.
+        """
+        with self.connection.pipeline() as pipe:
+            pipe.hset(self.key, mapping=self.serialize())
+            register_worker(self, pipe)
+            pipe.expire(self.key, self.worker_ttl + 60)
+            pipe.execute()
+        if self.on_registration_lost is not None:
+            self.on_registration_lost(queued_before)
+
+
+def defer_maintenance(worker: BaseWorker) -> None:
+    """Let ``worker`` run its first registry clean-up one interval from now, not at once.
+
+    rq 3.0 runs it at start (``should_run_maintenance_tasks`` is True while
+    ``last_cleaned_at`` is None). After Redis refused writes for a while, the
+    running jobs of other workers missed their heartbeats meanwhile; they renew
+    them within a second of Redis taking writes again, and a clean-up before
+    that would take their jobs for abandoned and run them twice.
+    """
+    worker.last_cleaned_at = dt.datetime.now(dt.timezone.utc)  # type: ignore[assignment]
+
+
 #: Seconds RQ's per-queue maintenance lock lives (rq 3.0 ``Queue.acquire_maintenance_lock``: 899).
 #: A worker killed, or Redis restarted, in the middle of a clean-up leaves it held, and no
 #: one recovers abandoned jobs until it expires.
@@ -125,8 +269,13 @@ class CompatQueue(Queue):
 
     @classmethod
     def dequeue_any(cls, *args: Any, **kwargs: Any) -> tuple[Job, Queue] | None:
-        # rq 3.0 Queue.dequeue_any: the worker's one call that takes a job.
-        result = super().dequeue_any(*args, **kwargs)
+        # rq 3.0 Queue.dequeue_any: the worker's one call that takes a job. rq 3.0's
+        # dequeue_job_and_maintain_ttl retries a connection error here itself, a log line
+        # per try and never a new registration; a RedisFault passes that loop by.
+        try:
+            result = super().dequeue_any(*args, **kwargs)
+        except redis.RedisError as exc:
+            raise RedisFault(exc) from exc
         if result is not None:
             CompatQueue.taken = (result[0].id, result[1])
         return result
@@ -185,12 +334,28 @@ class CompatWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
-        while not stop.wait(max(self.heartbeat_ttl / 3, 0.5)):
+        interval = max(self.heartbeat_ttl / 3, 0.5)
+        failing: str | None = None
+        # After a failure, try every half second: once Redis takes writes again, the
+        # job's entry must be renewed before another worker's clean-up finds it expired.
+        while not stop.wait(0.5 if failing else interval):
             try:
                 # rq 3.0 BaseWorker.maintain_heartbeats: the job's, the execution's and the worker's.
                 self.maintain_heartbeats(job, execution)
+                if isinstance(self, FaultAwareWorker) and not self.connection.sismember(
+                    self.redis_workers_keys, self.key
+                ):
+                    self.register_again(self.queued_seen)  # Redis lost it while this job ran
             except Exception as exc:
-                self.log.warning("signal_queue: job %s heartbeat failed: %s", job.id, exc)
+                cause = transient_cause(exc)
+                if (cause or type(exc).__name__) != failing:  # one line per cause, not one per try
+                    self.log.warning("signal_queue: job %s heartbeat failed%s (%s: %s); retrying", job.id,
+                                     f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
+                failing = cause or type(exc).__name__
+                continue
+            if failing:
+                self.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
+                failing = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # rq 3.0 BaseWorker.get_heartbeat_ttl: ours is renewed by the thread, not per job timeout.
@@ -223,6 +388,18 @@ class CompatWorker(SimpleWorker):
         if not self.connection.eval(_RETURN_UNTAKEN, len(keys), *keys, job_id, *stale):
             return None  # it was started (the started registry recovers it) or already returned
         return job_id
+
+
+def retire_worker(worker: BaseWorker) -> None:
+    """Unregister a worker whose teardown could not (Redis refused it then), so ``rq info`` drops it.
+
+    rq 3.0 ``BaseWorker.register_death``: also lets a new worker of the same
+    ``--name`` register (``register_birth`` refuses a name without a death date).
+    """
+    try:
+        worker.register_death()  # type: ignore[no-untyped-call]
+    except redis.RedisError as exc:
+        worker.log.warning("signal_queue: could not unregister worker %s: %s", worker.name, exc)
 
 
 def stop_requested(worker: BaseWorker) -> bool:

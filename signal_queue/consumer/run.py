@@ -36,6 +36,7 @@ from ..wire.event import Event, resolve_shared_request
 from ..wire.keys import ATTEMPT_FIELD, DONE_KEY, DONE_TTL, RUN_EVENT, RUN_EVENTS, STATS_KEY
 from ..wire.receivers import DeferredReceiver, receivers
 from .context import handling, rebuilt_context
+from .redis_faults import describe, transient_cause
 from .rq_compat import record_failure_result
 
 logger = logging.getLogger("signal_queue")
@@ -310,6 +311,7 @@ class _DoneMarks:
         if not self._unsaved or self.job is None or self.key is None:
             return
         delay = 0.1
+        waiting: str | None = None
         while True:
             try:
                 with self.job.connection.pipeline(transaction=False) as pipe:
@@ -322,10 +324,19 @@ class _DoneMarks:
                     pipe.execute()
                 self.handled = self.failed = 0
                 break
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                logger.warning("signal_queue: cannot save done marks of job %s (%s); retrying", self.job.id, exc)
+            except redis.RedisError as exc:
+                # Full, read-only, loading, busy or away: Redis takes the marks later.
+                cause = transient_cause(exc)
+                if cause is None:
+                    raise
+                if cause != waiting:  # one line per cause, not one per try
+                    logger.warning("signal_queue: cannot save done marks of job %s: Redis %s (%s: %s); retrying",
+                                   self.job.id, describe(cause), type(exc).__name__, exc)
+                    waiting = cause
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 2.0)
+        if waiting is not None:
+            logger.warning("signal_queue: done marks of job %s saved", self.job.id)
         self._unsaved.clear()
 
 

@@ -8,10 +8,13 @@ on the bridge's queues, so ``rq info`` and rq-dashboard see an ordinary RQ worke
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
+import socket
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,13 +22,26 @@ from typing import Any
 import redis
 from flask import Flask
 from flask.cli import ScriptInfo
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import SimpleWorker, Worker
+from rq.exceptions import StopRequested
 from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
+from ..wire.keys import PROBE_KEY, PROBE_TTL_MS
+from ..wire.redis_identity import RedisIdentity, data_loss, read_identity, restarted_with_data
 from ..wire.redis_url import hide_secrets, safe_url
 from .job import SignalJob
-from .rq_compat import CompatQueue, CompatWorker, stop_requested
+from .redis_faults import CONNECTION, describe, is_refusal, transient_cause
+from .rq_compat import (
+    CompatQueue,
+    CompatWorker,
+    FaultAwareWorker,
+    defer_maintenance,
+    retire_worker,
+    stop_requested,
+)
 from .run import Consumer, bind
 
 logger = logging.getLogger("signal_queue.worker")
@@ -39,7 +55,7 @@ class _SignalWorkerDefaults:
         super().__init__(*args, **kwargs)
 
 
-class SignalWorker(_SignalWorkerDefaults, CompatWorker):
+class SignalWorker(_SignalWorkerDefaults, FaultAwareWorker, CompatWorker):
     """Runs events in the worker process itself (no fork per job): fast, and the app stays loaded.
 
     A running job's entry in RQ's started registry expires after
@@ -49,7 +65,7 @@ class SignalWorker(_SignalWorkerDefaults, CompatWorker):
     """
 
 
-class ForkingSignalWorker(_SignalWorkerDefaults, Worker):
+class ForkingSignalWorker(_SignalWorkerDefaults, FaultAwareWorker, Worker):
     """Forks a work horse per job, as RQ's default worker: isolated, and slower."""
 
 
@@ -115,58 +131,183 @@ def run_worker(
 ) -> bool:
     """Run a worker until stopped (or until the queues are empty, with ``burst``).
 
-    If Redis goes away (RQ's worker quits on a Redis timeout, or fails in its
-    bookkeeping), wait for it to answer again and start a new worker in this
-    process: a Redis restart never needs the worker restarted.
+    Any Redis error that passes (Redis full, read-only, loading, busy, a lost
+    master, a timeout, a lost connection) ends RQ's worker: this waits until
+    Redis takes writes again and starts a new worker in this process, which
+    registers itself again. A Redis that refuses the worker for good (a wrong
+    password, an ACL denial) raises :class:`ConfigurationError`: the CLI exits 2.
     """
-    redis_url = url or consumer.redis_url
-    wait_for_redis(redis_url)
-    while True:
-        worker = build_worker(consumer, queues, url=url, worker_class=worker_class, name=name)
+    watch = RedisWatch(url or consumer.redis_url)
+    try:
+        watch.wait_writable(then="starting the worker")
+        watch.check_data(None)
+        after_fault = False
+        pause = 1.0
+        while True:
+            worker = build_worker(consumer, queues, url=url, worker_class=worker_class, name=name)
+            if isinstance(worker, FaultAwareWorker):
+                worker.on_registration_lost = functools.partial(_registered_again, worker, watch)
+            if after_fault:
+                defer_maintenance(worker)
+            fault: BaseException | None = None
+            try:
+                worked = worker.work(
+                    burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
+                )
+            except redis.RedisError as exc:  # RQ's start (register_birth) or teardown (register_death)
+                fault = getattr(worker, "redis_fault", None) or exc
+            else:
+                fault = getattr(worker, "redis_fault", None)
+                if stop_requested(worker) or (fault is None and (burst or max_jobs is not None)):
+                    return worked
+            if stop_requested(worker):
+                return False
+            cause = transient_cause(fault) if fault is not None else None
+            if cause is not None:
+                assert fault is not None
+                watch.wait_writable(then="starting a new worker", stopped_by=(cause, fault))
+                retire_worker(worker)  # its teardown could not unregister it
+                pause = 1.0
+            elif fault is not None and is_refusal(fault):
+                raise watch.refused(fault)
+            else:
+                # RQ logged the error with its traceback ("found an unhandled exception"); it is
+                # not Redis's, so nothing here says Redis failed.
+                logger.warning(
+                    "signal_queue: the worker stopped after an error%s (see the traceback above); "
+                    "starting a new worker in %.0f s",
+                    f" ({type(fault).__name__}: {watch.hide(str(fault))})" if fault is not None else "", pause,
+                )
+                time.sleep(pause)
+                pause = min(pause * 2, 30.0)
+                watch.wait_writable(then="starting a new worker")
+            after_fault = cause is not None
+            watch.check_data(getattr(worker, "queued_seen", None))
+            if isinstance(worker, SignalWorker) and (returned := worker.return_untaken_job()):
+                logger.warning("signal_queue: job %s, taken but never started when Redis went away, is queued again",
+                               returned)
+    except StopRequested:  # SIGTERM while waiting for Redis
+        return False
+
+
+def _registered_again(worker: FaultAwareWorker, watch: RedisWatch, queued_before: int | None) -> None:
+    watch.check_data(queued_before)
+    logger.warning("signal_queue: Redis no longer listed worker %s (rq info showed it gone); registered it again",
+                   worker.name)
+
+
+class RedisWatch:
+    """The worker's look at its Redis: wait until it takes writes, and tell when it lost its data.
+
+    PING alone is answered by a Redis that is full or a read-only replica, where
+    the worker's first write (registering itself) would fail; so readiness is a
+    SET with a short expiry on a key of this worker's own (``sq:probe:<host>:<pid>``).
+    """
+
+    def __init__(self, url: str, longest: float = 5.0) -> None:
+        self.url = url
+        self.longest = longest
+        self.probe_key = PROBE_KEY.format(f"{socket.gethostname()}:{os.getpid()}")
+        #: Redis's run id and marker at the last look (see :mod:`signal_queue.wire.redis_identity`).
+        self.identity: RedisIdentity | None = None
+        self._unchecked: str | None = None
+        self._lock = threading.Lock()  # the heartbeat thread may look too
+
+    def hide(self, text: str) -> str:
+        return hide_secrets(text, self.url)
+
+    def client(self) -> redis.Redis:
+        """A short-lived client that fails fast: no redis-py retries, 2 s timeouts."""
         try:
-            worked = worker.work(
-                burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
+            return redis.Redis.from_url(
+                self.url, socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 0)
             )
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            logger.warning("signal_queue: worker lost Redis (%s)", hide_secrets(str(exc), redis_url))
-        else:
-            if burst or max_jobs is not None or stop_requested(worker):
-                return worked
-        if stop_requested(worker):
-            return False
-        wait_for_redis(redis_url)
-        logger.warning("signal_queue: Redis answers again; starting a new worker")
-        if isinstance(worker, SignalWorker) and (returned := worker.return_untaken_job()):
-            logger.warning("signal_queue: job %s, taken but never started when Redis went away, is queued again",
-                           returned)
-
-
-def wait_for_redis(url: str, longest: float = 10.0) -> None:
-    """Return when Redis at ``url`` answers PING; wait with backoff meanwhile.
-
-    A wrong password or database, or a URL that does not parse, fails at once with
-    :class:`ConfigurationError`: waiting would not fix it. Messages show the URL masked.
-    """
-    delay = 0.2
-    while True:
-        try:
-            client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
         except ValueError as exc:
-            raise ConfigurationError(f"Redis URL {safe_url(url)} is not valid: {hide_secrets(str(exc), url)}") from None
-        try:
-            client.ping()
-            return
-        except (redis.AuthenticationError, redis.ResponseError) as exc:
             raise ConfigurationError(
-                f"Redis at {safe_url(url)} refused the worker: {type(exc).__name__}: {hide_secrets(str(exc), url)}"
+                f"Redis URL {safe_url(self.url)} is not valid: {self.hide(str(exc))}"
             ) from None
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-            logger.warning("signal_queue: waiting for Redis at %s (%s); next try in %.1f s",
-                           safe_url(url), hide_secrets(str(exc), url), delay)
-        finally:
-            client.close()
-        time.sleep(delay)
-        delay = min(delay * 2, longest)
+
+    def refused(self, exc: BaseException) -> ConfigurationError:
+        return ConfigurationError(
+            f"Redis at {safe_url(self.url)} refused the worker: {type(exc).__name__}: {self.hide(str(exc))}"
+        )
+
+    def wait_writable(self, then: str, stopped_by: tuple[str, BaseException] | None = None) -> float:
+        """Return when Redis takes a write; meanwhile retry with backoff (0.2 s doubling to ``longest``).
+
+        Logs one line per cause (``stopped_by`` is the one that ended the worker),
+        not one per try, and one when Redis takes writes again. A refusal for good
+        raises :class:`ConfigurationError`. Returns the seconds waited.
+        """
+        started = time.monotonic()
+        logged: str | None = None
+        if stopped_by is not None:
+            logged, exc = stopped_by
+            logger.warning(
+                "signal_queue: the worker stopped: Redis at %s %s (%s: %s); waiting until it takes writes again, "
+                "retrying with backoff up to %.0f s",
+                safe_url(self.url), describe(logged), type(exc).__name__, self.hide(str(exc)), self.longest,
+            )
+        delay = 0.2
+        while True:
+            client = self.client()
+            try:
+                client.set(self.probe_key, 1, px=PROBE_TTL_MS)
+                break
+            except (redis.RedisError, OSError) as exc:
+                cause = CONNECTION if isinstance(exc, OSError) else transient_cause(exc)
+                if cause is None:
+                    raise self.refused(exc) from None
+                if cause != logged:
+                    logger.warning(
+                        "signal_queue: waiting for Redis at %s: it %s (%s: %s); retrying with backoff up to %.0f s",
+                        safe_url(self.url), describe(cause), type(exc).__name__, self.hide(str(exc)), self.longest,
+                    )
+                    logged = cause
+            finally:
+                client.close()
+            time.sleep(delay)
+            delay = min(delay * 2, self.longest)
+        waited = time.monotonic() - started
+        if logged is not None:
+            logger.warning("signal_queue: Redis at %s takes writes again (waited %.1f s); %s",
+                           safe_url(self.url), waited, then)
+        return waited
+
+    def check_data(self, queued: int | None) -> None:
+        """Read Redis's run id and marker; log one WARNING if Redis lost its data since the last look.
+
+        ``queued`` is how many jobs this worker last saw waiting (its last heartbeat).
+        """
+        with self._lock:
+            client = self.client()
+            try:
+                now = read_identity(client)
+            except redis.RedisError as exc:
+                if self._unchecked != type(exc).__name__:
+                    logger.warning("signal_queue: cannot tell whether Redis at %s kept its data: %s: %s",
+                                   safe_url(self.url), type(exc).__name__, self.hide(str(exc)))
+                self._unchecked = type(exc).__name__
+                return
+            finally:
+                client.close()
+            self._unchecked = None
+            before, self.identity = self.identity, now
+        loss = data_loss(before, now)
+        if loss is not None:
+            reason, advice = loss
+            if queued is None:
+                lost = "the jobs queued before it may have been lost"
+            elif queued == 0:
+                lost = "no job was waiting when this worker last looked; any queued since may have been lost"
+            else:
+                lost = (f"the {queued} queued job(s) (each a batch of events) waiting when this worker last "
+                        "looked may have been lost")
+            logger.warning("signal_queue: %s; %s; %s", reason, lost, advice)
+        elif restarted_with_data(before, now):
+            assert before is not None
+            logger.info("signal_queue: Redis at %s restarted (run id %s -> %s) and kept its data",
+                        safe_url(self.url), before.run_id, now.run_id)
 
 
 def load_app(import_path: str | None) -> Flask:

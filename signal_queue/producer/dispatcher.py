@@ -28,6 +28,7 @@ from ..exceptions import DeliveryError
 from ..wire.codec import Codec
 from ..wire.event import new_id
 from ..wire.keys import BATCH_RETRIES, RUN_EVENTS, SENT_KEY, SENT_TTL, STATS_KEY, batch_timeout
+from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
 from .capture import PendingEvent
 from .spool import Spool, SpooledBatch
 
@@ -99,6 +100,7 @@ class Dispatcher:
         self._last_loss_log: dict[str, float] = {}
         self._queues: dict[str, Queue] = {}
         self._lock = threading.Lock()
+        self._watch_reconnects(connection)
 
     def close(self) -> None:
         """Close the spool's file and this process's Redis connections (they reopen if used again)."""
@@ -136,6 +138,8 @@ class Dispatcher:
                 error = str(exc)
             else:
                 self.breaker.succeeded()
+                if self._reconnected:
+                    self.check_redis_data()
                 self.counters["enqueued"] += len(events)
                 return True
         self.spool_batches(batches, events, error)
@@ -199,6 +203,63 @@ class Dispatcher:
         except (redis.RedisError, OSError) as exc:
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
 
+    # -- Redis restarted empty ------------------------------------------------------------
+
+    def _watch_reconnects(self, connection: redis.Redis) -> None:
+        """Note every new connection to Redis, so the next successful send checks Redis's data.
+
+        redis-py reconnects by itself (its retries) after Redis restarted: a restart
+        that emptied the queue raises nothing here. redis-py calls ``redis_connect_func``
+        to set up each new connection; ours does what it did, then notes the reconnect.
+        """
+        #: Redis's run id and marker when this process last looked (see :meth:`check_redis_data`).
+        self.redis_seen: RedisIdentity | None = None
+        self._reconnected = False
+        self._seen_at = ""
+        self._sent_at_seen = 0
+        self._checking = threading.Lock()
+        kwargs = connection.connection_pool.connection_kwargs
+        setup = kwargs.get("redis_connect_func")
+
+        def connected(conn: Any) -> None:
+            if setup is not None:
+                setup(conn)
+            else:
+                conn.on_connect()
+            self._reconnected = True
+
+        kwargs["redis_connect_func"] = connected
+
+    def check_redis_data(self) -> None:
+        """After a new connection (the first, or one after Redis went away): did Redis lose its data?
+
+        One round trip, on the thread that sent (the sender thread, in the default
+        mode), once per new connection; never raises. Logs one WARNING per loss.
+        """
+        if not self._checking.acquire(blocking=False):
+            return  # another thread is looking
+        try:
+            self._reconnected = False
+            try:
+                now = read_identity(self.connection)
+            except (redis.RedisError, OSError) as exc:
+                logger.debug("signal_queue: cannot read Redis's run id and marker: %s", exc)
+                return
+            before, self.redis_seen = self.redis_seen, now
+            sent = self.counters["enqueued"] + self.counters["replayed"]
+            loss = data_loss(before, now)
+            if loss is not None:
+                reason, advice = loss
+                logger.warning(
+                    "signal_queue: %s; up to %d queued event(s) this process sent since %s may have been lost "
+                    "(those no worker had run yet); %s",
+                    reason, sent - self._sent_at_seen, self._seen_at, advice,
+                )
+            self._sent_at_seen = sent
+            self._seen_at = time.strftime("%H:%M:%S")
+        finally:
+            self._checking.release()
+
     # -- the spool --------------------------------------------------------------------
 
     def spool_batches(self, batches: Sequence[SpooledBatch], events: Sequence[PendingEvent], error: str) -> None:
@@ -249,6 +310,8 @@ class Dispatcher:
                 self.spool.release(claimed)  # not left claimed for CLAIM_TIMEOUT
                 raise
             self.breaker.succeeded()
+            if self._reconnected:
+                self.check_redis_data()
             self.spool.delete(claimed)
             replayed = sum(b.events for b in fresh)
             if replayed:

@@ -29,6 +29,16 @@ SENT_TTL = 7 * 24 * 3600
 DONE_KEY = "sq:done:{0}"
 DONE_TTL = 7 * 24 * 3600
 
+#: A key that only a loss of Redis's data removes: set once (no TTL) by the first app or worker
+#: that finds it missing, with a random token as its value. Each side remembers the token with
+#: Redis's run id; a different token (or none) after a reconnect means the queue went with it.
+MARKER_KEY = "sq:marker"
+
+#: A worker's own key (``<host>:<pid>``) that it writes, with a short expiry, to learn that
+#: Redis takes writes again: PING is answered by a full or read-only Redis too.
+PROBE_KEY = "sq:probe:{0}"
+PROBE_TTL_MS = 10_000
+
 #: Times RQ runs a batch job again after it raised or its worker died (finished events are skipped).
 BATCH_RETRIES = 5
 
