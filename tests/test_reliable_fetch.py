@@ -216,3 +216,47 @@ def test_job_of_a_taker_killed_before_the_reply_runs_within_the_abandoned_bound(
         stop(*(p for p in (first, second) if p is not None))
         proxy.close()
         server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Path, queues: int) -> None:
+    """SIGTERM reaches an idle worker just as its take's reply is lost (a deploy): the job is not lost."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    cut_at: dict[str, float] = {}
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        return not cut_at and taken_job(command, reply) is not None
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        cut_at[str(taken_job(command, reply))] = time.time()
+        victim[0].send_signal(signal.SIGTERM)
+
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    first = start_worker(proxy.url, log, queues, "fetch-stopped")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        assert first.wait(timeout=30) == 0, "the worker stopped on SIGTERM"
+        [job] = cut_at
+        ran_first = any(row[4] == job for row in handled(log))
+        given_back = any(conn.lpos(f"rq:queue:{q}", job) is not None for q in ("signals", "second"))
+        held = sum(conn.llen(k) for k in conn.keys("sq:hold:*")) + sum(
+            conn.llen(f"rq:queue:{q}:intermediate") for q in ("signals", "second"))
+        second = start_worker(server.url, log, queues, "fetch-next")
+        lost, twice, _ = outcome(log, 4, deadline=20)
+        print(f"\nstopped mid-take ({queues} queue(s)): events lost {lost}, run twice {twice}; the job "
+              f"{'ran before the stop' if ran_first else 'was back in its queue' if given_back else 'was neither'}")
+        assert ran_first or given_back, "the stopping worker ran the job or gave it back to its queue"
+        assert held == 0, "nothing left taken by the stopped worker"
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()
