@@ -15,10 +15,13 @@ from flask.cli import AppGroup, NoAppException
 from rq import Worker
 
 from ._state import state_for
-from .consumer.failures import failed_events, iter_failed, requeue, signal_queues
+from .consumer.failures import failed_events, iter_failed, quarantined_entries, requeue, signal_queues
+from .consumer.quarantine import purge_quarantined
+from .consumer.rq_compat import taken_count
 from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
 from .exceptions import ConfigurationError
 from .metrics import prometheus_text, totals
+from .wire.keys import QUARANTINE_KEY
 from .wire.receivers import receivers
 from .wire.redis_url import safe_url, url_secrets
 
@@ -176,6 +179,8 @@ def info_command(as_json: bool) -> None:
                 "scheduled": rq_queue.scheduled_job_registry.count,
                 "failed": rq_queue.failed_job_registry.count,
                 "finished": rq_queue.finished_job_registry.count,
+                # Taken by a worker and not started yet: counted in none of the above.
+                "taken": taken_count(rq_queue),
             }
         )
     names = {q["name"] for q in queues}
@@ -192,6 +197,7 @@ def info_command(as_json: bool) -> None:
         "queues": queues,
         "workers": workers,
         "spool": {"path": state.dispatcher.spool.path, "batches": batches, "events": events},
+        "quarantined": len(quarantined_entries(conn, names)),
         "receivers": [
             {"signal": r.signal_name, "receiver": r.name, "queue": r.queue or state.queue_name}
             for r in sorted(receivers, key=lambda r: (r.signal_name, r.name))
@@ -204,12 +210,14 @@ def info_command(as_json: bool) -> None:
     for q in queues:
         click.echo(
             f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
-            f"{state.dispatcher.batch_size} events), {q['started']} running, {q['scheduled']} scheduled retries, "
-            f"{q['failed']} failed, {q['finished']} finished"
+            f"{state.dispatcher.batch_size} events), {q['taken']} taken and not started yet, {q['started']} running, "
+            f"{q['scheduled']} scheduled retries, {q['failed']} failed, {q['finished']} finished"
         )
     click.echo(f"workers: {len(workers)}" + "".join(f"\n  {w['name']} {w['state']} {','.join(w['queues'])}"
                                                   for w in workers))
     click.echo(f"spool {(batches and f'{events} event(s) in {batches} batch(es)') or 'empty'}: {data['spool']['path']}")
+    if data["quarantined"]:
+        click.echo(f"quarantined: {data['quarantined']} queue entries that are not jobs (flask signal-queue failed)")
     click.echo(f"receivers: {len(data['receivers'])}")
     for r in data["receivers"]:
         click.echo(f"  {r['signal']:28} {r['receiver']:48} queue={r['queue']}")
@@ -223,10 +231,12 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
 
     state = state_for(current_app)
     rows = failed_events(state.connection, state.queue_names(), receiver=receiver)
+    # Entries that are not jobs have no receiver: listed unless the listing is for one.
+    stray = [] if receiver else quarantined_entries(state.connection, state.queue_names())
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows + stray, indent=2))
         return
-    if not rows:
+    if not rows and not stray:
         click.echo("no failed events")
         return
     for row in rows:
@@ -234,7 +244,13 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
             f"{row['job_id']}  {row['signal']} -> {row['receiver']}  path={row['path']} user={row['user']} "
             f"request_id={row['request_id']}\n    {row['error']}"
         )
+    for row in stray:
+        click.echo(f"{row['job_id']}  quarantined (not a job)  queue={row['queue']} at={row['ended_at']}\n"
+                   f"    {row['error']}")
     click.echo(f"{len(rows)} failed; `flask signal-queue requeue --id ID` or `--receiver NAME` sends them back")
+    if stray:
+        click.echo(f"{len(stray)} quarantined in {QUARANTINE_KEY}: queue entries no worker could load as a job "
+                   "(nothing to requeue); `flask signal-queue purge --failed` deletes them")
 
 
 @signal_queue_cli.command("metrics")
@@ -245,7 +261,8 @@ def metrics_command() -> None:
 
 
 @signal_queue_cli.command("purge")
-@click.option("--failed", "what", flag_value="failed", help="Delete the failed events (RQ's failed registries).")
+@click.option("--failed", "what", flag_value="failed",
+              help="Delete the failed events (RQ's failed registries) and the quarantined entries.")
 @click.option("--queued", "what", flag_value="queued", help="Empty the queues: waiting events are deleted.")
 @click.option("--spool", "what", flag_value="spool", help="Delete the outage spool's batches.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
@@ -259,7 +276,8 @@ def purge_command(what: str | None, yes: bool) -> None:
     if what == "spool":
         count = state.dispatcher.spool.depth()[1]
     elif what == "failed":
-        count = sum(q.failed_job_registry.count for q in queues)
+        stray = quarantined_entries(state.connection, state.queue_names())
+        count = sum(q.failed_job_registry.count for q in queues) + len(stray)
     else:
         count = sum(q.count for q in queues)
     unit = "event(s)" if what != "queued" else "job(s)"
@@ -279,4 +297,5 @@ def purge_command(what: str | None, yes: bool) -> None:
             with click.progressbar(ids, label=f"purging {q.name}", file=sys.stderr) as progress:
                 for job_id in progress:
                     q.failed_job_registry.remove(job_id, delete_job=True)
+        purge_quarantined(state.connection, state.queue_names())
     click.echo(f"purged {count} {what} {unit}")

@@ -44,7 +44,8 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
         - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
         - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
-        - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
+        - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again,
+          whether it was running or only taken off its queue.
         - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
 
         The client address a receiver sees is ``request.remote_addr`` as the app

@@ -14,7 +14,7 @@ from typing import Any
 from flask import Flask, Response, current_app
 
 from ._state import state_for
-from .wire.keys import STATS_KEY
+from .wire.keys import QUARANTINE_KEY, STATS_KEY
 
 #: Redis totals, with their Prometheus help text.
 TOTALS = {
@@ -61,6 +61,9 @@ def prometheus_text(app: Flask) -> str:
         "# HELP signal_queue_spool_events Events waiting in this app's outage spool.",
         "# TYPE signal_queue_spool_events gauge",
         f"signal_queue_spool_events {events}",
+        "# HELP signal_queue_quarantined_entries Queue entries no worker could load as a job (sq:quarantine).",
+        "# TYPE signal_queue_quarantined_entries gauge",
+        f"signal_queue_quarantined_entries {state.connection.llen(QUARANTINE_KEY)}",
         "# HELP signal_queue_outbox_events Events waiting in this process's memory for the sender.",
         "# TYPE signal_queue_outbox_events gauge",
         f"signal_queue_outbox_events {state.outbox.pending}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import inspect
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -103,3 +105,77 @@ def test_the_worker_notes_the_job_it_takes_before_running_it(redis_url: str) -> 
     assert CompatQueue.taken == (job.id, queue)
     assert worker.return_untaken_job() == job.id, "taken, not started: put back"
     assert redis.Redis.from_url(redis_url).lrange(queue.key, 0, -1) == [job.id.encode()]
+
+
+def queues_of(conn: redis.Redis, *names: str) -> list[CompatQueue]:
+    return [CompatQueue(n, connection=conn, serializer=JSONSerializer, job_class=SignalJob) for n in names]
+
+
+def enqueue(conn: redis.Redis, name: str, value: str) -> str:
+    """A real single-event job on queue ``name``, written by the app."""
+    app = create_app(SIGNAL_QUEUE_QUEUE=name)
+    before = set(conn.lrange(f"rq:queue:{name}", 0, -1))
+    with app.app_context():
+        misc.send("x", value=value)
+    drain(app)
+    [job_id] = set(conn.lrange(f"rq:queue:{name}", 0, -1)) - before
+    return str(job_id.decode())
+
+
+def test_a_take_whose_reply_was_lost_hands_the_same_job_again(conn: redis.Redis) -> None:
+    """The take is idempotent for its process: asked again, it answers with the job it took, not the next."""
+    first, second = enqueue(conn, "signals", "a"), enqueue(conn, "signals", "b")
+    queues = queues_of(conn, "signals", "other")
+    assert CompatQueue._take(conn, queues, hold=False) is not None  # ...and its reply never arrives
+    assert conn.lrange("rq:queue:signals:intermediate", 0, -1) == [first.encode()], "taken, not popped"
+    again = CompatQueue.dequeue_any(queues, None, connection=conn, job_class=SignalJob, serializer=JSONSerializer)
+    assert again is not None and again[0].id == first
+    assert conn.lrange("rq:queue:signals", 0, -1) == [second.encode()], "the next job is still queued"
+    taker = CompatQueue._taker
+    CompatQueue._taker = None  # another process asks
+    try:
+        other = CompatQueue.dequeue_any(queues, None, connection=conn, job_class=SignalJob, serializer=JSONSerializer)
+    finally:
+        CompatQueue._taker = taker
+    assert other is not None and other[0].id == second
+
+
+@pytest.mark.parametrize("names", [("signals",), ("signals", "second", "third")])
+def test_an_idle_wait_wakes_when_any_queue_gets_a_job_and_takes_nothing_meanwhile(
+    conn: redis.Redis, names: tuple[str, ...]
+) -> None:
+    """Blocked with a 10 s timeout, the take returns as soon as the last queue gets a job, not at the timeout."""
+    queues = queues_of(conn, *names)
+    done: list[Any] = []
+
+    def take() -> None:
+        got = CompatQueue.dequeue_any(queues, 10, connection=conn, job_class=SignalJob, serializer=JSONSerializer)
+        done.append((got, time.monotonic()))
+
+    thread = threading.Thread(target=take)
+    thread.start()
+    time.sleep(0.3)
+    assert not done and conn.llen(f"rq:queue:{names[-1]}") == 0
+    app = create_app(SIGNAL_QUEUE_QUEUE=names[-1])
+    with app.app_context():
+        misc.send("x", value="late")
+    drain(app)  # returns once the job is in Redis
+    pushed = time.monotonic()
+    thread.join(timeout=10)
+    [(got, at)] = done
+    assert got is not None and got[1].name == names[-1] and got[0].args[0][0]["kwargs"] == {"value": "late"}
+    assert at - pushed < 0.5, f"woke {at - pushed:.3f} s after the job arrived"
+    assert all(conn.llen(f"rq:queue:{n}") == 0 for n in names)
+
+
+def test_release_puts_back_what_a_stopping_worker_holds(conn: redis.Redis) -> None:
+    """A job the blocking move held, and one whose take reply was never read, go back to their queue's front."""
+    taken, held, queued = (enqueue(conn, "signals", v) for v in ("taken", "held", "queued"))
+    [queue] = queues_of(conn, "signals")
+    assert CompatQueue._take(conn, [queue], hold=False) is not None  # took "taken"; the reply was never read
+    conn.lrem(queue.key, 1, held)
+    conn.rpush(f"sq:hold:signals:{CompatQueue.taker()}", held)  # the wait's BLMOVE ran; its reply was lost
+    assert CompatQueue.release(conn, [queue]) == 2
+    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [taken, held, queued]
+    assert conn.llen(queue.intermediate_queue_key) == 0 and conn.zcard("sq:taken:signals") == 0
+    assert conn.llen(f"sq:hold:signals:{CompatQueue.taker()}") == 0

@@ -1,4 +1,4 @@
-"""Failed events: find them in RQ's failed registries and send them back."""
+"""Failed events: find them in RQ's failed registries and send them back; and the quarantined entries."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rq.serializers import JSONSerializer
 
 from ..wire.keys import RUN_EVENT, RUN_EVENTS
 from .job import SignalJob, worker_settings
+from .quarantine import quarantined
 from .run import Consumer
 
 
@@ -84,6 +85,7 @@ def failed_events(
                 "emitted_at": event.get("emitted_at"),
                 "ended_at": job.ended_at.isoformat() if job.ended_at else None,
                 "error": error.strip().splitlines()[-1] if error.strip() else "",
+                "quarantined": False,
             }
         )
     return rows
@@ -97,3 +99,27 @@ def requeue(queue: Queue, job: Job, consumer: Consumer) -> None:
     if settings:
         job.connection.hset(job.key, mapping={name: str(value) for name, value in settings.items()})
     queue.failed_job_registry.requeue(job.id)
+
+
+def quarantined_entries(connection: redis.Redis, queue_names: Iterable[str]) -> list[dict[str, Any]]:
+    """The quarantined entries of ``queue_names`` (not jobs: nothing to requeue), as rows like
+    :func:`failed_events`' with ``quarantined`` true and the reason as the error."""
+    names = set(queue_names)
+    return [
+        {
+            "job_id": entry.get("job_id"),
+            "queue": entry.get("queue"),
+            "events": 0,
+            "signal": None,
+            "receiver": None,
+            "path": None,
+            "user": None,
+            "request_id": None,
+            "emitted_at": None,
+            "ended_at": entry.get("at"),
+            "error": entry.get("reason") or "",
+            "quarantined": True,
+        }
+        for entry in quarantined(connection)
+        if entry.get("queue") in names or entry.get("queue") is None
+    ]

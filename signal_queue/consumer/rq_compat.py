@@ -5,27 +5,54 @@ registries, ``enqueue_many``, ``get_current_job``...). What is here overrides
 or calls RQ internals, each with the RQ code it mirrors; it was checked against
 the RQ minor versions in :data:`CHECKED_RQ` (pyproject pins ``rq`` to them), and
 ``tests/test_rq_compat.py`` fails if the RQ code mirrored here changes.
+
+Taking a job (:meth:`CompatQueue.dequeue_any`) is a reliable fetch on every
+path, one queue or many: one Lua script takes the first job in the queues'
+order and moves it into that queue's intermediate list (RQ's own list of jobs
+taken and not started), notes when in ``sq:taken:<queue>`` and which process took
+it in ``sq:taker:<id>``, and returns the job hash in the same reply. A take whose
+reply was lost (a failover, a cut connection) is answered again with the same
+job when its worker asks again; a job whose worker died before starting it goes
+back to the front of its queue at the next registry clean-up once it has waited
+longer than ``SIGNAL_QUEUE_ABANDONED_AFTER`` (:class:`CompatIntermediateQueue`).
+An idle worker never pops with BLPOP, whose lost reply loses the job. With one
+queue it waits as RQ does, with a blocking move (``BLMOVE``), but into a hold
+list of its own, ``sq:hold:<queue>:<id>``, which its next take claims (a dead
+worker's hold list is emptied by the clean-up, as its intermediate entries
+are). With several queues, one thread per queue waits with ``BLMOVE queue queue
+LEFT LEFT``, which wakes when the queue gets a job and leaves the list as it
+was, and the worker then takes in the queues' order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import hashlib
+import logging
+import os
+import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ClassVar, cast
 
 import redis
 import rq
 from rq import Queue, SimpleWorker
-from rq.exceptions import DeserializationError, StopRequested
-from rq.job import Job
+from rq.exceptions import DequeueTimeout, DeserializationError, StopRequested
+from rq.intermediate_queue import IntermediateQueue
+from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
 from rq.utils import as_text, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
+from ..wire.keys import HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
+from .quarantine import entry_text, quarantine
 from .redis_faults import describe, transient_cause
+
+logger = logging.getLogger("signal_queue.worker")
 
 #: The RQ minor versions this module was checked against.
 CHECKED_RQ = ("3.0",)
@@ -45,14 +72,28 @@ MIRRORED = {
     "rq.job.Job._deserialize_data": "00c06178d415b147",
     "rq.job.Job.prepare_for_execution": "4e8e0eca634da20b",
     "rq.queue.Queue.acquire_maintenance_lock": "ebdce3e6d60ef394",
-    "rq.queue.Queue.dequeue_any": "2452e56ad5197396",
+    "rq.queue.Queue.dequeue_any": "2452e56ad5197396",  # replaced by a reliable take
+    "rq.queue.Queue.lmove": "7aa797ad300b8aec",  # the intermediate list a taken job waits in, and its end
+    "rq.queue.Queue._fetch_dequeued_job": "dccbf64962d1bbfc",  # the queue and job a take returns
+    "rq.queue.Queue.from_queue_key": "51be3f8374d8f826",
+    "rq.queue.Queue.intermediate_queue.fget": "77cb167510546504",
+    "rq.job.Job.fetch": "4c0184a10a6ca526",  # the id check and the hash a take returns instead of HGETALL
+    "rq.job.Job.refresh": "818b52b414f3efb2",
+    "rq.intermediate_queue.IntermediateQueue.get_intermediate_queue_key": "7cb13cb0e156659f",
     "rq.intermediate_queue.IntermediateQueue.get_first_seen_key": "59872b5c87c5bd19",
     "rq.intermediate_queue.IntermediateQueue.should_be_cleaned_up": "adb9f8c95fc4d7b5",
+    "rq.intermediate_queue.IntermediateQueue.cleanup": "e465aaeb5d294870",  # replaced: the abandoned-job bound
+    "rq.worker.BaseWorker.clean_registries": "e2c9790c8156c72c",  # calls intermediate_queue.cleanup under the lock
+    "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",  # calls dequeue_any; DequeueTimeout
+    "rq.worker.BaseWorker.perform_job": "1f0e40678ae519cf",  # RQ leaves a job in the intermediate list with 2+ queues
+    "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",
+    "rq.worker.BaseWorker._shutdown": "828be105b616d1d6",  # StopRequested raised wherever an idle worker is
+    "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
     # FaultAwareWorker: the loop ends quietly on StopRequested (RedisFault is one); the dequeue
-    # loop retries connection errors itself, a line per try; the five calls the loop makes.
+    # loop retries connection errors itself, a line per try (dequeue_job_and_maintain_ttl, above);
+    # the calls the loop makes.
     "rq.worker.BaseWorker.work": "04b5cdf8e554d8a2",
-    "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",
     "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
     "rq.worker.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
@@ -112,8 +153,12 @@ class CompatJob(Job):
             ) from exc.__cause__
 
     def prepare_for_execution(self, worker_name: str, pipeline: Any) -> None:
-        # rq 3.0 Job.prepare_for_execution: the pipeline that marks the job started.
+        # rq 3.0 Job.prepare_for_execution: the pipeline that marks the job started. RQ takes the
+        # job out of the intermediate list in it only for a worker of one queue
+        # (BaseWorker.perform_job); ours took it there from any number of queues.
         super().prepare_for_execution(worker_name, pipeline)
+        pipeline.lrem(intermediate_key(self.origin), 1, self.id)
+        pipeline.zrem(TAKEN_KEY.format(self.origin), self.id)
         self.starting(pipeline)
 
     def starting(self, pipeline: Any) -> None:
@@ -252,8 +297,204 @@ def defer_maintenance(worker: BaseWorker) -> None:
 MAINTENANCE_LOCK_TTL = 60
 
 
+def intermediate_key(queue_name: str) -> str:
+    """The intermediate list of queue ``queue_name`` (rq 3.0 ``Queue.intermediate_queue_key``)."""
+    return IntermediateQueue.get_intermediate_queue_key(Queue.redis_queue_namespace_prefix + queue_name)
+
+
+class _Script:
+    """A Lua script, run by its SHA1 (and sent whole when the server does not know it yet)."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    def __call__(self, connection: redis.Redis, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        try:
+            return connection.evalsha(self.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return connection.eval(self.source, len(keys), *keys, *args)
+
+
+# The front of a queue is its left end: RQ pushes at_front jobs with LPUSH and takes from the
+# left, into the right end of the intermediate list (rq 3.0 Queue.lmove). The job hash comes
+# back in the same reply (rq 3.0 Job.refresh is HGETALL), with the key's type: a job id whose
+# hash is missing, or of another type, is quarantined by the caller, not dropped.
+# KEYS: this process's taker record, the holders set of the first queue, then per queue in
+# order: the queue, its intermediate list, its taken set, this process's hold list of it.
+# ARGV: now (Unix seconds), seconds the record lives, the job key prefix, this taker's id if
+# it will block on the first queue when there is nothing to take (else '').
+_TAKE = _Script(r"""
+local function answer(queue, id)
+  local key = ARGV[3] .. id
+  local kind = redis.call('TYPE', key).ok
+  if kind == 'hash' then return {queue, id, kind, redis.call('HGETALL', key)} end
+  return {queue, id, kind, {}}
+end
+local function claim(i, id)
+  redis.call('ZADD', KEYS[i + 2], ARGV[1], id)
+  redis.call('SET', KEYS[1], KEYS[i] .. '\n' .. id, 'EX', ARGV[2])
+  return answer(KEYS[i], id)
+end
+local last = redis.call('GET', KEYS[1])
+if last then
+  local cut = string.find(last, '\n', 1, true)
+  if cut then
+    local queue, id = string.sub(last, 1, cut - 1), string.sub(last, cut + 1)
+    for i = 3, #KEYS, 4 do
+      if KEYS[i] == queue then
+        -- Still in the intermediate list: this process never started it, because the
+        -- reply of its take was lost. Hand it over again rather than another job.
+        if redis.call('LPOS', KEYS[i + 1], id) then return claim(i, id) end
+        break
+      end
+    end
+  end
+end
+for i = 3, #KEYS, 4 do
+  -- A job this process's blocking wait moved into its hold list (its reply may be lost).
+  local id = redis.call('LMOVE', KEYS[i + 3], KEYS[i + 1], 'LEFT', 'RIGHT')
+  if id then return claim(i, id) end
+end
+for i = 3, #KEYS, 4 do
+  local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
+  if id then return claim(i, id) end
+end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4]) end
+return false
+""")
+
+# Put back what a stopping worker may hold without knowing: the job of a take whose reply it
+# never read, and a job its blocking wait moved into its hold list. KEYS: the taker record;
+# ARGV: per queue it serves, the queue, its intermediate list, its taken set, its hold list.
+_RELEASE = _Script(r"""
+local returned = 0
+for i = 1, #ARGV, 4 do
+  while redis.call('LMOVE', ARGV[i + 3], ARGV[i], 'RIGHT', 'LEFT') do returned = returned + 1 end
+end
+local last = redis.call('GET', KEYS[1])
+redis.call('DEL', KEYS[1])
+local cut = last and string.find(last, '\n', 1, true)
+if not cut then return returned end
+local queue, id = string.sub(last, 1, cut - 1), string.sub(last, cut + 1)
+for i = 1, #ARGV, 4 do
+  if ARGV[i] == queue and redis.call('LREM', ARGV[i + 1], 1, id) == 1 then
+    redis.call('ZREM', ARGV[i + 2], id)
+    redis.call('LPUSH', queue, id)
+    return returned + 1
+  end
+end
+return returned
+""")
+
+# A job in the intermediate list (or a dead taker's hold list) past the abandoned-job bound.
+# KEYS: that list, the queue, the taken set, the started registry, the job hash; ARGV: the job id.
+# Returns what was done: 'gone' (started or returned meanwhile), 'no hash' (the caller
+# quarantines it), 'started' (a registered execution: the started registry recovers it),
+# 'elsewhere' (its status says it is scheduled, finished...: not ours to run), 'queued'
+# (already back in its queue) or 'returned' (pushed back to the front of its queue).
+_RECOVER = _Script(r"""
+local id = ARGV[1]
+if not redis.call('LPOS', KEYS[1], id) then
+  redis.call('ZREM', KEYS[3], id)
+  return 'gone'
+end
+if redis.call('TYPE', KEYS[5]).ok ~= 'hash' then return 'no hash' end
+local function drop(outcome)
+  redis.call('LREM', KEYS[1], 1, id)
+  redis.call('ZREM', KEYS[3], id)
+  return outcome
+end
+local prefix = id .. ':'
+for _, entry in ipairs(redis.call('ZRANGE', KEYS[4], 0, -1)) do
+  if string.sub(entry, 1, #prefix) == prefix then return drop('started') end
+end
+local status = redis.call('HGET', KEYS[5], 'status')
+local elsewhere = {started=1, finished=1, failed=1, deferred=1, scheduled=1, stopped=1, canceled=1}
+if status and elsewhere[status] then return drop('elsewhere') end
+if redis.call('LPOS', KEYS[2], id) then return drop('queued') end
+drop('returned')
+redis.call('LPUSH', KEYS[2], id)
+return 'returned'
+""")
+
+
+# Forget an idle taker, unless it waited again (or holds a job) since the clean-up looked.
+# KEYS: the holders set, the taker's hold list; ARGV: the taker, when it last waited as read.
+_FORGET = _Script(r"""
+local last_wait = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]) or 0)
+if redis.call('EXISTS', KEYS[2]) == 0 and last_wait <= tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+""")
+
+
+class _QueueWatch:
+    """Wakes an idle worker when one of its queues gets a job, without taking the job.
+
+    Redis has no blocking wait on several lists that leaves them as they are, so
+    one thread per queue blocks in ``BLMOVE queue queue LEFT LEFT`` (a move of the
+    first job onto itself: the list is unchanged) and ends the worker's wait when
+    it returns. A watcher waits in Redis only while the worker does.
+    """
+
+    def __init__(self, connection: redis.Redis, keys: Iterable[str]) -> None:
+        self.connection = connection
+        self.keys = frozenset(keys)
+        self.cond = threading.Condition()
+        self.waits = 0  # one per wait of the worker
+        self.armed = 0  # the wait in progress, 0 when the worker is not waiting
+        self.ended = 0  # the last wait a watcher ended
+        self.block = 1.0
+        self.closed = False
+        for key in sorted(self.keys):
+            threading.Thread(target=self._watch, args=(key,), name=f"signal_queue-watch:{key}", daemon=True).start()
+
+    def wait(self, seconds: float) -> None:
+        """Return when a watched queue has a job (or may have: an error), or after ``seconds``."""
+        with self.cond:
+            self.waits += 1
+            self.armed, self.block = self.waits, seconds
+            self.cond.notify_all()
+            try:
+                self.cond.wait_for(lambda: self.ended == self.waits, seconds)
+            finally:  # also when a stop signal ends the wait
+                self.armed = 0
+
+    def close(self) -> None:
+        """Stop the watchers (each ends when its BLMOVE returns)."""
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def _watch(self, key: str) -> None:
+        done = [0]  # the wait this watcher last ended, or saw a job during while the worker was busy
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.closed or (self.armed != 0 and self.armed != done[0]))
+                if self.closed:
+                    return
+                wait, block = self.armed, self.block
+            try:
+                woke = self.connection.blmove(key, key, block, "LEFT", "LEFT") is not None  # type: ignore[arg-type]
+            except redis.RedisError:
+                woke = True  # the worker's own next call meets the error, and backs off
+            with self.cond:
+                if woke:
+                    done[0] = self.armed or wait
+                    if self.armed:
+                        self.ended = self.armed
+                        self.cond.notify_all()
+
+
+def _taker_id() -> str:
+    """Who took a job: this process (host, pid, and a random part against reused pids)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
+
+
 class CompatQueue(Queue):
-    """RQ's Queue with a one-minute maintenance lock, noting the job a worker takes.
+    """RQ's Queue, with a reliable take (see the module docstring) and a one-minute maintenance lock.
 
     ``taken`` is the job this process's worker took from a queue and has not
     finished (a worker process runs one worker at a time). It is noted at the
@@ -262,32 +503,245 @@ class CompatQueue(Queue):
     """
 
     taken: ClassVar[tuple[str, Queue] | None] = None
+    #: Seconds a taken job may wait to be started before it goes back to its queue
+    #: (SIGNAL_QUEUE_ABANDONED_AFTER, set by the worker); also how long a taker record lives.
+    abandoned_after: ClassVar[int] = 30
+    _taker: ClassVar[tuple[int, str] | None] = None
+    _watch: ClassVar[_QueueWatch | None] = None
 
     def acquire_maintenance_lock(self) -> bool:
         # rq 3.0 Queue.acquire_maintenance_lock, with our TTL.
         return bool(self.connection.set(self.registry_cleaning_key, 1, nx=True, ex=MAINTENANCE_LOCK_TTL))
 
+    @property
+    def intermediate_queue(self) -> IntermediateQueue:
+        # rq 3.0 Queue.intermediate_queue: BaseWorker.clean_registries calls its cleanup().
+        return CompatIntermediateQueue(self.key, self.connection)
+
     @classmethod
-    def dequeue_any(cls, *args: Any, **kwargs: Any) -> tuple[Job, Queue] | None:
-        # rq 3.0 Queue.dequeue_any: the worker's one call that takes a job. rq 3.0's
-        # dequeue_job_and_maintain_ttl retries a connection error here itself, a log line
-        # per try and never a new registration; a RedisFault passes that loop by.
+    def taker(cls) -> str:
+        """This process's taker id (a forked child is another taker)."""
+        if cls._taker is None or cls._taker[0] != os.getpid():
+            CompatQueue._taker = (os.getpid(), _taker_id())
+        assert CompatQueue._taker is not None
+        return CompatQueue._taker[1]
+
+    @classmethod
+    def dequeue_any(
+        cls,
+        queues: Iterable[Queue],
+        timeout: int | None,
+        connection: redis.Redis,
+        job_class: type[Job] | None = None,
+        serializer: Any = None,
+        death_penalty_class: Any = None,
+    ) -> tuple[Job, Queue] | None:
+        """The first job of ``queues`` in their order, taken reliably, with its queue.
+
+        As rq 3.0 ``Queue.dequeue_any``: with ``timeout`` None, None when the queues
+        are empty; else wait up to ``timeout`` seconds for a job, then raise
+        DequeueTimeout. A queue entry that cannot be a job is quarantined, and the
+        next one is taken.
+        """
+        queues = list(queues)
+        keys = [q.key for q in queues]
+        # One queue: wait with a blocking move into this process's hold list, as RQ's BLMOVE
+        # into the intermediate list, so a job arriving costs no more round trips than RQ's.
+        hold = len(queues) == 1 and timeout is not None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                reply = cls._take(connection, queues, hold)
+                result = None if reply is None else cls._job_of(reply, connection, job_class, serializer,
+                                                                death_penalty_class)
+                if result is not None:
+                    CompatQueue.taken = (result[0].id, result[1])
+                    return result
+                if reply is not None:
+                    continue  # that entry was quarantined: take the next
+                if deadline is None:
+                    return None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DequeueTimeout(timeout, keys)
+                cls._wait(connection, queues, left, hold)
+            except DequeueTimeout:
+                raise
+            except redis.RedisError as exc:
+                # rq 3.0's dequeue_job_and_maintain_ttl retries a connection error here itself, a log
+                # line per try and never a new registration; a RedisFault passes that loop by.
+                raise RedisFault(exc) from exc
+            except BaseException:
+                # A stop signal (RQ raises StopRequested wherever an idle worker is) or a bug
+                # interrupted a take or a wait: a job may be ours although we never read the reply.
+                with contextlib.suppress(redis.RedisError):
+                    cls.release(connection, queues)
+                raise
+
+    @classmethod
+    def _take(cls, connection: redis.Redis, queues: Sequence[Queue], hold: bool) -> list[Any] | None:
+        taker = cls.taker()
+        keys: list[str] = [TAKER_KEY.format(taker), HOLDERS_KEY.format(queues[0].name)]
+        for q in queues:
+            keys += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker)]
+        args = [f"{time.time():.6f}", max(int(cls.abandoned_after), 1), Job.redis_job_namespace_prefix,
+                taker if hold else ""]
         try:
-            result = super().dequeue_any(*args, **kwargs)
-        except redis.RedisError as exc:
-            raise RedisFault(exc) from exc
-        if result is not None:
-            CompatQueue.taken = (result[0].id, result[1])
-        return result
+            reply = _TAKE(connection, keys, args)
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Asking again at once is safe, unlike a pop: if Redis ran the lost take, the same
+            # job comes back. If Redis is down, this fails too and RQ's loop backs off.
+            reply = _TAKE(connection, keys, args)
+        return reply if reply else None
+
+    @classmethod
+    def _job_of(
+        cls, reply: list[Any], connection: redis.Redis, job_class: type[Job] | None, serializer: Any,
+        death_penalty_class: Any,
+    ) -> tuple[Job, Queue] | None:
+        """The job and queue a take returned (rq 3.0 ``Queue._fetch_dequeued_job``), or None once
+        the entry is quarantined: RQ would drop a missing job's id without a trace."""
+        queue_key, entry, kind, flat = as_text(reply[0]), reply[1], as_text(reply[2]), reply[3]
+        job_cls: type[Job] = job_class or cls.job_class
+        queue = cls.from_queue_key(
+            queue_key, connection=connection, job_class=job_cls, serializer=serializer,
+            death_penalty_class=death_penalty_class,
+        )
+        job_id = entry_text(entry)
+        reason = None
+        if entry != job_id.encode() or not JOB_ID_PATTERN.fullmatch(job_id):
+            # rq 3.0 Job.fetch would read "a:b" as job "a": another job than the one queued.
+            reason = "it is not an RQ job id (letters, digits, '_' and '-')"
+        elif kind == "none":
+            reason = f"there is no job hash {Job.key_for(job_id)} (deleted, or expired)"
+        elif kind != "hash":
+            reason = f"{Job.key_for(job_id)} is a Redis {kind}, not a job hash"
+        else:
+            try:
+                # rq 3.0 Job.fetch: the job, then Job.refresh's restore of its hash.
+                job = job_cls(job_id, connection=connection, serializer=serializer)
+                job.restore(dict(zip(flat[::2], flat[1::2], strict=True)))
+                return job, queue
+            except Exception as exc:
+                reason = f"its job hash cannot be read: {exc!r}"
+        quarantine(connection, queue.intermediate_queue_key, TAKEN_KEY.format(queue.name), queue.name, entry, reason)
+        return None
+
+    @classmethod
+    def _wait(cls, connection: redis.Redis, queues: Sequence[Queue], seconds: float, hold: bool) -> None:
+        """Wait until a queue may have a job, or ``seconds`` passed.
+
+        One queue: a blocking move of its first job into this process's hold list,
+        which the next take claims (and so would a take after a lost reply); a
+        dead taker's hold list is emptied by the clean-up. Several: watcher threads
+        (:class:`_QueueWatch`), and nothing is taken.
+        """
+        seconds = max(seconds, 0.01)
+        if hold:
+            [queue] = queues
+            # A lost reply is no loss here: the next take claims what the move held. That take
+            # meets the error itself if Redis is down (and RQ's loop backs off).
+            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+                connection.blmove(queue.key, HOLD_KEY.format(queue.name, cls.taker()),
+                                  seconds, "LEFT", "RIGHT")  # type: ignore[arg-type]
+            return
+        keys = frozenset(q.key for q in queues)
+        watch = CompatQueue._watch
+        if watch is None or watch.connection is not connection or watch.keys != keys:
+            if watch is not None:
+                watch.close()
+            watch = CompatQueue._watch = _QueueWatch(connection, keys)
+        watch.wait(seconds)
+
+    @classmethod
+    def release(cls, connection: redis.Redis, queues: Sequence[Queue]) -> int:
+        """Put back what this process took and never started (a take whose reply it missed, its
+        hold lists), at the front of the queues; how many jobs went back."""
+        taker = cls.taker()
+        args: list[str] = []
+        for q in queues:
+            args += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker)]
+        return int(_RELEASE(connection, [TAKER_KEY.format(taker)], args))
+
+
+class CompatIntermediateQueue(IntermediateQueue):
+    """RQ's list of jobs taken from a queue and not started, recovered within the abandoned-job bound.
+
+    RQ's own clean-up (rq 3.0 ``IntermediateQueue.cleanup``) records a job the
+    first time it sees it there and, a minute later, fails it as "stuck"; a job
+    whose hash is gone it drops. Here a job taken longer than
+    ``CompatQueue.abandoned_after`` ago and still not started goes back to the
+    front of its queue (its taker died or lost Redis), and an entry without a
+    job hash is quarantined. So do the hold lists of takers that died waiting.
+    """
+
+    def cleanup(self, worker: Any, queue: Queue) -> None:
+        # rq 3.0: called by BaseWorker.clean_registries, under the queue's maintenance lock.
+        recover_taken(queue, CompatQueue.abandoned_after)
+
+
+#: Seconds after its last wait that an idle taker with an empty hold list is forgotten.
+HOLDER_FORGOTTEN_AFTER = 3600
+
+
+def recover_taken(queue: Queue, abandoned_after: float) -> list[str]:
+    """Return to ``queue`` its jobs taken more than ``abandoned_after`` seconds ago and never started:
+    those in its intermediate list and those in hold lists; quarantine those without a job hash."""
+    connection = queue.connection
+    taken_key, holders_key = TAKEN_KEY.format(queue.name), HOLDERS_KEY.format(queue.name)
+    now = time.time()
+    where: dict[bytes, str] = {}
+    for entry in cast(list[bytes], connection.lrange(queue.intermediate_queue_key, 0, -1)):
+        where[entry] = queue.intermediate_queue_key
+    holders = cast(list[tuple[bytes, float]], connection.zrange(holders_key, 0, -1, withscores=True))
+    for taker, last_wait in holders:
+        hold_key = HOLD_KEY.format(queue.name, as_text(taker))
+        held = cast(list[bytes], connection.lrange(hold_key, 0, -1))
+        for entry in held:
+            where[entry] = hold_key
+        if not held and last_wait < now - max(HOLDER_FORGOTTEN_AFTER, 10 * abandoned_after):
+            _FORGET(connection, [holders_key, hold_key], [taker, last_wait])
+    if where:
+        # A job moved there by someone else (RQ's own single-queue take, a take whose
+        # claim never ran) counts from now.
+        connection.zadd(taken_key, dict.fromkeys(where, now), nx=True)
+    returned = []
+    for entry in cast(list[bytes], connection.zrangebyscore(taken_key, "-inf", now - abandoned_after)):
+        job_key = Job.redis_job_namespace_prefix.encode() + entry
+        keys = [where.get(entry, queue.intermediate_queue_key), queue.key, taken_key,
+                queue.started_job_registry.key, job_key]
+        outcome = as_text(_RECOVER(connection, keys, [entry]))
+        if outcome == "no hash":
+            kind = as_text(connection.type(job_key))
+            reason = (f"there is no job hash {as_text(job_key)} (deleted, or expired)" if kind == "none"
+                      else f"{as_text(job_key)} is a Redis {kind}, not a job hash")
+            quarantine(connection, keys[0], taken_key, queue.name, entry, reason)
+        elif outcome == "returned":
+            returned.append(entry_text(entry))
+            logger.warning(
+                "signal_queue: job %s was taken from queue %s over %s s ago and never started (its worker died "
+                "or lost Redis); it is queued again", entry_text(entry), queue.name, abandoned_after,
+            )
+    return returned
+
+
+def taken_count(queue: Queue) -> int:
+    """Jobs taken from ``queue`` and not started: RQ's ``rq info`` counts them nowhere."""
+    connection = queue.connection
+    count = int(connection.llen(queue.intermediate_queue_key))
+    for taker in cast(list[bytes], connection.zrange(HOLDERS_KEY.format(queue.name), 0, -1)):
+        count += int(connection.llen(HOLD_KEY.format(queue.name, as_text(taker))))
+    return count
 
 
 # Front of the queue is the left end: RQ pushes at_front jobs with LPUSH and takes from the left.
-# KEYS: intermediate list, queue, first-seen key, started registry; ARGV: job id, its stale executions.
-# Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
+# KEYS: intermediate list, queue, first-seen key, started registry, taken set; ARGV: job id, its
+# stale executions. Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
 # IntermediateQueue.get_first_seen_key, StartedJobRegistry entries "job_id:execution_id").
 _RETURN_UNTAKEN = """
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('DEL', KEYS[3])
+  redis.call('ZREM', KEYS[5], ARGV[1])
   for i = 2, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
   redis.call('LPUSH', KEYS[2], ARGV[1])
   return 1
@@ -379,6 +833,7 @@ class CompatWorker(SimpleWorker):
             queue.key,
             queue.intermediate_queue.get_first_seen_key(job_id),
             queue.started_job_registry.key,
+            TAKEN_KEY.format(queue.name),
         ]
         # RQ registers the execution before it starts the job: an entry left by this worker
         # would later look abandoned while another worker runs the job, and run it twice.

@@ -100,9 +100,11 @@ def build_worker(
             f"unknown worker class {worker_class!r}; choose one of {', '.join(WORKER_CLASSES)}"
         )
     # Its own connection, without the emit side's short socket timeout:
-    # the worker blocks on BLPOP and RQ sets a timeout that fits that.
+    # the worker blocks waiting for jobs and RQ sets a timeout that fits that.
     connection = redis.Redis.from_url(url or consumer.redis_url)
+    check_redis_version(connection, url or consumer.redis_url)
     bind(consumer)
+    CompatQueue.abandoned_after = consumer.abandoned_after
     worker = cls(
         list(queues) or consumer.queue_names(),
         connection=connection,
@@ -115,6 +117,21 @@ def build_worker(
     if isinstance(worker, SignalWorker):
         worker.heartbeat_ttl = consumer.abandoned_after
     return worker
+
+
+#: The oldest Redis a worker takes jobs from: its take uses LMOVE and LPOS (Redis 6.2).
+OLDEST_REDIS = (6, 2)
+
+
+def check_redis_version(connection: redis.Redis, url: str) -> None:
+    """Refuse, with the fix, a Redis too old for the worker's reliable take."""
+    text = str(connection.info("server").get("redis_version", "0"))
+    version = tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
+    if version < OLDEST_REDIS:
+        raise ConfigurationError(
+            f"Redis at {safe_url(url)} is version {text}; a signal_queue worker needs Redis "
+            f"{'.'.join(map(str, OLDEST_REDIS))} or newer (it takes jobs with LMOVE and LPOS): upgrade Redis"
+        )
 
 
 def run_worker(

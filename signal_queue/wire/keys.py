@@ -39,6 +39,27 @@ MARKER_KEY = "sq:marker"
 PROBE_KEY = "sq:probe:{0}"
 PROBE_TTL_MS = 10_000
 
+#: Jobs taken off queue ``<name>`` by a worker and not started yet: job id -> the time (Unix seconds) it
+#: was taken. A job left there longer than SIGNAL_QUEUE_ABANDONED_AFTER goes back to its queue.
+TAKEN_KEY = "sq:taken:{0}"
+
+#: The last job a worker process took: its queue key, a newline, the job id. A take whose reply
+#: was lost hands the same job again instead of another one.
+TAKER_KEY = "sq:taker:{0}"
+
+#: Where an idle worker of one queue moves the job it waited for (a blocking move, as RQ's into
+#: the intermediate list), until its next take claims it: queue name, then the worker process.
+HOLD_KEY = "sq:hold:{0}:{1}"
+#: The worker processes that waited on queue ``<name>``, with when they last did, so that the
+#: clean-up finds a hold list whose worker died.
+HOLDERS_KEY = "sq:holders:{0}"
+
+#: Queue entries that cannot be a job (no job hash, a key of another type, not a job id):
+#: one JSON object per entry, newest first (see :mod:`signal_queue.consumer.quarantine`).
+QUARANTINE_KEY = "sq:quarantine"
+#: The most entries the quarantine list keeps (the oldest go first).
+QUARANTINE_MAX = 10_000
+
 #: Times RQ runs a batch job again after it raised or its worker died (finished events are skipped).
 BATCH_RETRIES = 5
 

@@ -1,0 +1,262 @@
+"""A job Redis handed to a worker is never lost: the reply of the take is cut on its way, for real.
+
+A TCP proxy (devtools/redis_proxy.py) sits between the worker and a private
+redis-server and closes the connection after Redis executed a command that took
+a job off a queue, before its reply reaches the worker: what a failover or a
+network blip does. Each test counts events lost, events run twice and the time
+until the job whose reply was lost ran.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from devtools.redis_process import RedisProcess
+from devtools.redis_proxy import CutRule, RedisProxy
+from tests.conftest import ROOT
+
+APP = "tests.fetch_app:create_app()"
+ABANDONED_AFTER = 4
+MAINTENANCE_INTERVAL = 2
+POPS = {b"BLPOP", b"BRPOP", b"LPOP", b"RPOP", b"BLMPOP", b"LMPOP"}
+MOVES = {b"LMOVE", b"BLMOVE", b"RPOPLPUSH", b"BRPOPLPUSH"}
+SCRIPTS = {b"EVAL", b"EVALSHA", b"FCALL"}
+
+
+def taken_job(command: list[bytes], reply: Any) -> str | None:
+    """The job id a command took off a queue list, judged from the command and Redis's reply to it."""
+    name = command[0].upper() if command else b""
+    if reply is None or isinstance(reply, int):
+        return None
+    if name in POPS:
+        item = reply[1] if isinstance(reply, list) else reply  # BLPOP answers [queue key, job id]
+        return item.decode() if isinstance(item, bytes) else None
+    if name in MOVES and command[1] != command[2]:  # a move onto the same list takes nothing
+        return reply.decode() if isinstance(reply, bytes) else None
+    if name in SCRIPTS and isinstance(reply, list) and len(reply) >= 2:
+        key, job_id = reply[0], reply[1]
+        if isinstance(key, bytes) and key.startswith(b"rq:queue:") and isinstance(job_id, bytes):
+            return job_id.decode()
+    return None
+
+
+def wait_until(what: str, check: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def worker_env(url: str, log: Path) -> dict[str, str]:
+    return dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        SIGNAL_QUEUE_REDIS_URL=url,
+        SIGNAL_QUEUE_SPOOL_PATH=str(log.with_suffix(".spool")),
+        FAULT_LOG=str(log),
+        SIGNAL_QUEUE_ABANDONED_AFTER=str(ABANDONED_AFTER),
+        SIGNAL_QUEUE_MAINTENANCE_INTERVAL=str(MAINTENANCE_INTERVAL),
+    )
+
+
+def start_worker(url: str, log: Path, queues: int, name: str) -> subprocess.Popen[bytes]:
+    """A worker on both of the app's queues (its default), or on the default queue only."""
+    only = ["signals"] if queues == 1 else []
+    with open(f"{log}.{name}", "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "worker.py", "--app", APP, "--name", name, *only],
+            cwd=ROOT, env=worker_env(url, log), stdout=out, stderr=out,
+        )
+
+
+def emit(url: str, log: Path, count: int, queues: int) -> None:
+    """``count`` events through the app's real emit path, each in a job of its own."""
+    subprocess.run(
+        [sys.executable, "-m", "flask", "--app", APP, "emit", str(count), "--queues", str(queues)],
+        cwd=ROOT, env=worker_env(url, log), check=True, capture_output=True, timeout=60,
+    )
+
+
+def handled(log: Path) -> list[list[str]]:
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def outcome(log: Path, count: int, deadline: float) -> tuple[int, int, list[list[str]]]:
+    """Wait until every event ran once (or the deadline): (events lost, events run twice, the lines)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if len({row[1] for row in handled(log)}) >= count:
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)  # a duplicate would follow on the heels of the first run
+    rows = handled(log)
+    runs = collections.Counter(row[1] for row in rows)
+    return count - len(runs), sum(c - 1 for c in runs.values()), rows
+
+
+def stop(*procs: subprocess.Popen[bytes]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_lost_reply_of_a_take_loses_and_repeats_nothing(tmp_path: Path, queues: int) -> None:
+    """3 of 12 takes lose their reply; the live worker runs those jobs at once, the others once each."""
+    server = RedisProcess()
+    server.start()
+    cut_at: dict[str, float] = {}
+    takes: list[str] = []
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        job_id = taken_job(command, reply)
+        if job_id is None:
+            return False
+        takes.append(job_id)
+        return len(takes) in (1, 4, 7)
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        cut_at[str(taken_job(command, reply))] = time.time()
+        cut_commands.append(command[0].decode())
+
+    cut_commands: list[str] = []
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    log = tmp_path / "handled.log"
+    worker = start_worker(proxy.url, log, queues, "fetch-a")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 12, queues)
+        lost, twice, rows = outcome(log, 12, deadline=25)
+        ran_at = {row[4]: float(row[5]) for row in rows}
+        recovery = {job: ran_at[job] - at for job, at in cut_at.items() if job in ran_at}
+        print(
+            f"\nlost replies ({queues} queue(s)): {len(cut_at)} cut, events lost {lost}, run twice {twice}, "
+            f"cut jobs ran again after {sorted(round(s, 3) for s in recovery.values())} s (replies cut: {cut_commands})"
+        )
+        assert proxy.cuts == 3 and len(cut_at) == 3, "the proxy cut three takes' replies"
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+        assert len(recovery) == 3 and max(recovery.values()) < 1.0, (
+            "a live worker runs the job whose reply it lost at once, not after a backoff or the abandoned-job bound"
+        )
+        assert worker.poll() is None, "the worker kept running"
+        assert conn.llen("rq:queue:signals:intermediate") == conn.llen("rq:queue:second:intermediate") == 0
+    finally:
+        stop(worker)
+        proxy.close()
+        server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_job_of_a_taker_killed_before_the_reply_runs_within_the_abandoned_bound(tmp_path: Path, queues: int) -> None:
+    """The worker is SIGKILLed as Redis hands it a job; a second worker runs that job, once, within the bound."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    cut_at: dict[str, float] = {}
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        return not cut_at and taken_job(command, reply) is not None
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        victim[0].kill()  # dies waiting for the reply: the job is taken and its taker is gone
+        victim[0].wait()
+        cut_at[str(taken_job(command, reply))] = time.time()
+        cut_commands.append(command[0].decode())
+
+    cut_commands: list[str] = []
+
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    first = start_worker(proxy.url, log, queues, "fetch-victim")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        wait_until("the cut", lambda: bool(cut_at), 30)
+        second = start_worker(server.url, log, queues, "fetch-rescuer")
+        lost, twice, rows = outcome(log, 4, deadline=30)
+        [(job, killed_at)] = cut_at.items()
+        ran = [float(row[5]) for row in rows if row[4] == job]
+        recovered_in = ran[0] - killed_at if ran else None
+        bound = ABANDONED_AFTER + MAINTENANCE_INTERVAL
+        print(
+            f"\ntaker killed ({queues} queue(s)): events lost {lost}, run twice {twice}, "
+            f"the taken job ran again after {recovered_in if recovered_in is None else round(recovered_in, 2)} s "
+            f"(abandoned after {ABANDONED_AFTER} s, maintenance every {MAINTENANCE_INTERVAL} s; reply cut: "
+            f"{cut_commands})"
+        )
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+        assert recovered_in is not None and recovered_in < bound + 3, (
+            f"the job taken by the dead worker ran {recovered_in} s after the kill; bound {bound} s + start-up"
+        )
+        assert second.poll() is None
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Path, queues: int) -> None:
+    """SIGTERM reaches an idle worker just as its take's reply is lost (a deploy): the job is not lost."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    cut_at: dict[str, float] = {}
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        return not cut_at and taken_job(command, reply) is not None
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        cut_at[str(taken_job(command, reply))] = time.time()
+        victim[0].send_signal(signal.SIGTERM)
+
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    first = start_worker(proxy.url, log, queues, "fetch-stopped")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        assert first.wait(timeout=30) == 0, "the worker stopped on SIGTERM"
+        [job] = cut_at
+        ran_first = any(row[4] == job for row in handled(log))
+        given_back = any(conn.lpos(f"rq:queue:{q}", job) is not None for q in ("signals", "second"))
+        held = sum(conn.llen(k) for k in conn.keys("sq:hold:*")) + sum(
+            conn.llen(f"rq:queue:{q}:intermediate") for q in ("signals", "second"))
+        second = start_worker(server.url, log, queues, "fetch-next")
+        lost, twice, _ = outcome(log, 4, deadline=20)
+        print(f"\nstopped mid-take ({queues} queue(s)): events lost {lost}, run twice {twice}; the job "
+              f"{'ran before the stop' if ran_first else 'was back in its queue' if given_back else 'was neither'}")
+        assert ran_first or given_back, "the stopping worker ran the job or gave it back to its queue"
+        assert held == 0, "nothing left taken by the stopped worker"
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()
