@@ -76,6 +76,18 @@ def is_refusal(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and transient_cause(exc) is None
 
 
+#: What Redis says when an ACL denies a command, also one a script runs (then it is a plain
+#: ResponseError: "The user executing the script can't run this command or subcommand").
+_ACL_DENIALS = ("NOPERM", "can't run this command", "no permissions to")
+
+
+def refusal_name(exc: BaseException) -> str:
+    """The kind of a refusal for good, as the worker's exit line names it."""
+    if isinstance(exc, redis.exceptions.NoPermissionError) or any(m in str(exc) for m in _ACL_DENIALS):
+        return "NoPermissionError (an ACL denies a command the worker needs)"
+    return type(exc).__name__
+
+
 def describe(cause: str) -> str:
     """A cause as a log line says it: "is full: used memory is over maxmemory..."."""
     return CAUSES.get(cause, cause)

@@ -33,7 +33,7 @@ from ..wire.keys import PROBE_KEY, PROBE_TTL_MS
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity, restarted_with_data
 from ..wire.redis_url import hide_secrets, safe_url
 from .job import SignalJob
-from .redis_faults import CONNECTION, describe, is_refusal, transient_cause
+from .redis_faults import CONNECTION, describe, is_refusal, refusal_name, transient_cause
 from .rq_compat import (
     CompatQueue,
     CompatWorker,
@@ -246,7 +246,7 @@ class RedisWatch:
 
     def refused(self, exc: BaseException) -> ConfigurationError:
         return ConfigurationError(
-            f"Redis at {safe_url(self.url)} refused the worker: {type(exc).__name__}: {self.hide(str(exc))}"
+            f"Redis at {safe_url(self.url)} refused the worker: {refusal_name(exc)}: {self.hide(str(exc))}"
         )
 
     def wait_writable(self, then: str, stopped_by: tuple[str, BaseException] | None = None) -> float:
