@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 from flask import Flask
 
 from ._cli import signal_queue_cli
@@ -19,8 +23,35 @@ class SignalQueue:
     """
 
     def __init__(self, app: Flask | None = None) -> None:
+        self._types: list[_TypeEntry] = []
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
+
+    def register_type(
+        self,
+        cls: type,
+        *,
+        encode: Callable[[Any], Any],
+        decode: Callable[[Any], Any],
+        name: str | None = None,
+    ) -> None:
+        """Let kwargs of type ``cls`` (and its subclasses) reach deferred receivers.
+
+        ``encode(value)`` returns what is sent (anything the bridge can carry:
+        JSON, datetimes, other registered types...); the worker calls
+        ``decode(sent)`` to rebuild the value. ``name`` is how jobs name the type
+        (default ``module:qualname``): give one that survives a rename of the
+        class. Used by the app, the worker, eager mode and the testing helpers
+        alike; a ``decode`` that raises fails that event, naming the type::
+
+            sq.register_type(Money, encode=lambda m: [str(m.amount), m.currency],
+                             decode=lambda v: Money(Decimal(v[0]), v[1]), name="money")
+        """
+        entry = (cls, encode, decode, name)
+        for app in self._apps:
+            _register(state_for(app), entry)
+        self._types.append(entry)
 
     def init_app(self, app: Flask) -> None:
         """Set the extension up on ``app``: read its config, make its outbox, add ``flask signal-queue``.
@@ -46,6 +77,9 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
         - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
         - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
+        - ``SIGNAL_QUEUE_UNSENDABLE``: a kwarg that cannot be carried raises at emit (``raise``), or the
+          event is recorded as failed and the request goes on (``record``); ``auto`` (default) raises in
+          debug, testing, eager and capture mode and records otherwise.
 
         The client address a receiver sees is ``request.remote_addr`` as the app
         sees it; behind proxies, use werkzeug's ``ProxyFix``.
@@ -57,6 +91,9 @@ class SignalQueue:
         for key, default in DEFAULTS.items():
             app.config.setdefault(key, from_env(key, default))
         state = app.extensions[EXTENSION_KEY] = SignalQueueState(app)
+        for entry in self._types:
+            _register(state, entry)
+        self._apps.add(app)
         install_request_hooks(app, state.outbox)
         if "signal-queue" not in app.cli.commands:
             app.cli.add_command(signal_queue_cli)
@@ -73,3 +110,13 @@ class SignalQueue:
         afterwards are still sent, on the emitting thread."""
         state_for(app).close()
 
+
+_TypeEntry = tuple[type, Callable[[Any], Any], Callable[[Any], Any], str | None]
+
+
+def _register(state: SignalQueueState, entry: _TypeEntry) -> None:
+    cls, encode, decode, name = entry
+    try:
+        state.codec.register_type(cls, encode, decode, name)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"register_type({getattr(cls, '__qualname__', cls)!r}): {exc}") from None

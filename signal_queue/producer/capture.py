@@ -251,13 +251,22 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def build_event(
-    app: Flask, codec: Codec, max_event_bytes: int, receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]
+    app: Flask,
+    codec: Codec,
+    max_event_bytes: int,
+    receiver: DeferredReceiver,
+    sender: Any,
+    kwargs: dict[str, Any],
+    *,
+    lenient: bool = False,
 ) -> PendingEvent:
     """Validate and encode what the handler will need; raise :class:`PayloadError` for a bad kwarg.
 
     This runs on the request thread for every emit, so plain values take a
     fast path and everything costly is left to :meth:`PendingEvent.to_dict`.
-    ``app`` is the current app, whose app context is active.
+    ``app`` is the current app, whose app context is active. With ``lenient``,
+    a kwarg that cannot be carried (or makes the event too large) is replaced by
+    a marker the worker fails the event with, instead of raising.
     """
     encoded = kwargs
     size = 0
@@ -265,11 +274,12 @@ def build_event(
         if type(value) is str:
             size += _json_size_bound(value)
         elif type(value) not in _PLAIN:
-            encoded = _encode_kwargs(codec, receiver, kwargs)
+            encoded = _encode_kwargs(codec, receiver, kwargs, lenient)
             size = _json_size_bound(encoded)
             break
     if size > max_event_bytes:
-        _refuse_size(max_event_bytes, receiver, encoded)  # measures exactly, raises only if really over
+        # Measures exactly, and acts only if really over.
+        encoded = (_shrink if lenient else _refuse_size)(max_event_bytes, receiver, encoded)
     raw = capture_request()
     captured_g: dict[str, Any] = {}
     user = None
@@ -306,11 +316,16 @@ def _json_size_bound(value: Any) -> int:
     return 8
 
 
-def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> None:
-    sizes = sorted(((len(json.dumps(v)), k) for k, v in encoded.items()), reverse=True)
+def _sizes(encoded: dict[str, Any]) -> list[tuple[int, str]]:
+    """(bytes as JSON, key) of each kwarg, the largest first."""
+    return sorted(((len(json.dumps(v)), k) for k, v in encoded.items()), reverse=True)
+
+
+def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> dict[str, Any]:
+    sizes = _sizes(encoded)
     total = sum(n for n, _ in sizes)
     if total <= max_event_bytes:
-        return
+        return encoded
     raise PayloadError(
         f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: the kwargs take {total} bytes "
         f"as JSON, over SIGNAL_QUEUE_MAX_EVENT_BYTES ({max_event_bytes}); the largest is "
@@ -321,7 +336,29 @@ def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict
     )
 
 
-def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _shrink(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs with the largest replaced by markers until the event fits (lenient mode)."""
+    sizes = _sizes(encoded)
+    total = sum(n for n, _ in sizes)
+    shrunk = dict(encoded)
+    for size, key in sizes:
+        if total <= max_event_bytes:
+            break
+        reason = f"it takes {size} bytes as JSON, over SIGNAL_QUEUE_MAX_EVENT_BYTES ({max_event_bytes})"
+        shrunk[key] = Codec.unsendable(Unserializable(key, None, reason))
+        total -= size
+    return shrunk
+
+
+def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, Any], lenient: bool) -> dict[str, Any]:
+    if lenient:
+        encoded = {}
+        for key, value in kwargs.items():
+            try:
+                encoded[key] = codec.encode(value, key)
+            except Unserializable as exc:
+                encoded[key] = codec.unsendable(exc)
+        return encoded
     try:
         return {key: codec.encode(value, key) for key, value in kwargs.items()}
     except Unserializable as exc:
