@@ -13,6 +13,7 @@ from ._state import DEFAULTS, SignalQueueState, from_env, state_for
 from .exceptions import ConfigurationError
 from .producer.emit import EXTENSION_KEY
 from .producer.outbox import install_request_hooks
+from .wire.codec import Codec
 
 
 class SignalQueue:
@@ -49,8 +50,15 @@ class SignalQueue:
                              decode=lambda v: Money(Decimal(v[0]), v[1]), name="money")
         """
         entry = (cls, encode, decode, name)
+        _register(Codec(), entry)  # the same checks as for an app, before any app has it
+        for other in self._types:
+            if other[0] is not cls and _wire_name(other) == _wire_name(entry):
+                raise ConfigurationError(
+                    f"register_type({cls.__qualname__}): type name {_wire_name(entry)!r} is already registered "
+                    f"for {other[0].__module__}.{other[0].__qualname__}"
+                )
         for app in self._apps:
-            _register(state_for(app), entry)
+            _register(state_for(app).codec, entry)
         self._types.append(entry)
 
     def init_app(self, app: Flask) -> None:
@@ -92,7 +100,7 @@ class SignalQueue:
             app.config.setdefault(key, from_env(key, default))
         state = app.extensions[EXTENSION_KEY] = SignalQueueState(app)
         for entry in self._types:
-            _register(state, entry)
+            _register(state.codec, entry)
         self._apps.add(app)
         install_request_hooks(app, state.outbox)
         if "signal-queue" not in app.cli.commands:
@@ -114,9 +122,14 @@ class SignalQueue:
 _TypeEntry = tuple[type, Callable[[Any], Any], Callable[[Any], Any], str | None]
 
 
-def _register(state: SignalQueueState, entry: _TypeEntry) -> None:
+def _register(codec: Codec, entry: _TypeEntry) -> None:
     cls, encode, decode, name = entry
     try:
-        state.codec.register_type(cls, encode, decode, name)
+        codec.register_type(cls, encode, decode, name)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"register_type({getattr(cls, '__qualname__', cls)!r}): {exc}") from None
+
+
+def _wire_name(entry: _TypeEntry) -> str:
+    cls, _, _, name = entry
+    return name or f"{cls.__module__}:{cls.__qualname__}"

@@ -189,7 +189,7 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
             sender = codec.decode_sender(event.sender)
             kwargs = {key: codec.decode(value) for key, value in event.kwargs.items()}
         except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {exc!r}") from exc
+            raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {type(exc).__name__}: {exc}") from exc
         try:
             inspect.signature(receiver.func).bind(sender, **kwargs)
         except TypeError as exc:
