@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import re
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from flask import Flask, Request, g, has_app_context, has_request_context, request
@@ -30,9 +31,25 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 
 try:
+    import flask_login.signals as _login_signals
     from flask_login import current_user as _login_current_user
 except ImportError:  # Flask-Login is optional
     _login_current_user = None
+    _login_signals = None
+
+#: The signals Flask-Login sends while it loads the user (``LoginManager._load_user``), before
+#: ``current_user`` is set: reading ``current_user`` from inside one loads the user again, which
+#: sends it again, and so on until ``RecursionError``. Their events take the user from their
+#: ``user`` kwarg (the user being loaded), or have none. The header one is deprecated, and private.
+_LOADING_SIGNALS: frozenset[int] = frozenset(
+    id(getattr(_login_signals, name))
+    for name in ("user_accessed", "session_protected", "user_loaded_from_cookie", "user_loaded_from_request",
+                 "_user_loaded_from_header")
+    if _login_signals is not None and hasattr(_login_signals, name)
+)
+#: Set while a capture reads ``current_user``: a signal sent by that load (an app's ``user_loader``
+#: may send one) is captured without the user instead of loading it again, inside the load.
+_reading_user: ContextVar[bool] = ContextVar("signal_queue.reading_user", default=False)
 
 
 def request_id(environ: dict[str, Any]) -> str:
@@ -48,16 +65,31 @@ def request_id(environ: dict[str, Any]) -> str:
     return str(rid)
 
 
-def current_user_id(app: Flask, g_obj: Any) -> str | None:
-    """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None."""
+def current_user_id(
+    app: Flask, g_obj: Any, signal: Any = None, kwargs: dict[str, Any] | None = None
+) -> str | None:
+    """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None.
+
+    For the signals Flask-Login sends while loading the user (``signal``), the user
+    is the one in their ``user`` kwarg, if any: ``current_user`` is not known yet.
+    """
     user = g_obj.__dict__.get("current_user")
     if user is not None:
         return user if isinstance(user, str) else _user_id(user)
     if _login_current_user is None or getattr(app, "login_manager", None) is None:
         return None
-    if not getattr(_login_current_user, "is_authenticated", False):
+    if id(signal) in _LOADING_SIGNALS:
+        loaded = (kwargs or {}).get("user")
+        return None if loaded is None or not getattr(loaded, "is_authenticated", False) else _user_id(loaded)
+    if _reading_user.get():
         return None
-    user_id = _login_current_user.get_id()
+    token = _reading_user.set(True)
+    try:
+        if not getattr(_login_current_user, "is_authenticated", False):
+            return None
+        user_id = _login_current_user.get_id()
+    finally:
+        _reading_user.reset(token)
     return None if user_id is None else str(user_id)
 
 
@@ -287,7 +319,7 @@ def build_event(
         g_obj = g._get_current_object()
         captured_g = capture_g(codec, g_obj)
         if raw is not None:
-            user = current_user_id(app, g_obj)
+            user = current_user_id(app, g_obj, receiver.signal, kwargs)
     return PendingEvent(
         receiver,
         time.time(),
