@@ -19,6 +19,7 @@ from .producer.outbox import DELIVERY_MODES, Outbox
 from .producer.spool import Spool
 from .wire.codec import Codec
 from .wire.models import ModelCarrier
+from .wire.principal import IdentityCarrier
 from .wire.redis_url import hide_secrets, safe_url
 from .wire.users import UserCarrier
 
@@ -94,7 +95,7 @@ class SignalQueueState(Producer):
             _names(config, "SIGNAL_QUEUE_REDACT_HEADERS"),
             max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0),
             globals_class=app.app_ctx_globals_class,
-            carriers=(UserCarrier(), ModelCarrier()),
+            carriers=(UserCarrier(), ModelCarrier(), IdentityCarrier()),
         )
         timeout = config["SIGNAL_QUEUE_SOCKET_TIMEOUT"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
