@@ -15,6 +15,7 @@ import redis
 from flask import Flask
 
 from signal_queue import PayloadError
+from signal_queue.metrics import prometheus_text
 from tests import (
     login_signals_app,
     mail_signals_app,
@@ -179,6 +180,7 @@ def test_flask_mail_message_without_the_line_is_recorded_as_failed_not_a_500(con
     run_worker("tests.mail_signals_app:create_app(register=False)", redis_url)
     inline, worker = compare(conn)
     assert len(inline["email-dispatched"]) == 1 and worker == {}
+    assert "\nsignal_queue_process_unsendable_total 1\n" in prometheus_text(app), "counted"
     [failed] = failed_rows(redis_url, "tests.mail_signals_app:create_app(register=False)")
     assert "kwarg message could not be carried to the worker: flask_mail.Message is not JSON-serializable" in (
         failed["error"]

@@ -397,7 +397,7 @@ def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, A
         raise PayloadError(
             f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: "
             f"kwarg {exc.key} cannot be sent to a worker ({exc.reason}); "
-            "deferred receivers get JSON data: pass ids, strings or numbers instead",
+            "pass ids, strings or numbers instead, or carry the type with SignalQueue.register_type",
             signal=receiver.signal_name,
             receiver=receiver.name,
             key=exc.key,
