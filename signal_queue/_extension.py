@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 from flask import Flask
 
 from ._cli import signal_queue_cli
@@ -9,6 +13,7 @@ from ._state import DEFAULTS, SignalQueueState, from_env, state_for
 from .exceptions import ConfigurationError
 from .producer.emit import EXTENSION_KEY
 from .producer.outbox import install_request_hooks
+from .wire.codec import Codec
 
 
 class SignalQueue:
@@ -19,8 +24,42 @@ class SignalQueue:
     """
 
     def __init__(self, app: Flask | None = None) -> None:
+        self._types: list[_TypeEntry] = []
+        self._apps: weakref.WeakSet[Flask] = weakref.WeakSet()
         if app is not None:
             self.init_app(app)
+
+    def register_type(
+        self,
+        cls: type,
+        *,
+        encode: Callable[[Any], Any],
+        decode: Callable[[Any], Any],
+        name: str | None = None,
+    ) -> None:
+        """Let kwargs of type ``cls`` (and its subclasses) reach deferred receivers.
+
+        ``encode(value)`` returns what is sent (anything the bridge can carry:
+        JSON, datetimes, other registered types...); the worker calls
+        ``decode(sent)`` to rebuild the value. ``name`` is how jobs name the type
+        (default ``module:qualname``): give one that survives a rename of the
+        class. Used by the app, the worker, eager mode and the testing helpers
+        alike; a ``decode`` that raises fails that event, naming the type::
+
+            sq.register_type(Money, encode=lambda m: [str(m.amount), m.currency],
+                             decode=lambda v: Money(Decimal(v[0]), v[1]), name="money")
+        """
+        entry = (cls, encode, decode, name)
+        _register(Codec(), entry)  # the same checks as for an app, before any app has it
+        for other in self._types:
+            if other[0] is not cls and _wire_name(other) == _wire_name(entry):
+                raise ConfigurationError(
+                    f"register_type({cls.__qualname__}): type name {_wire_name(entry)!r} is already registered "
+                    f"for {other[0].__module__}.{other[0].__qualname__}"
+                )
+        for app in self._apps:
+            _register(state_for(app).codec, entry)
+        self._types.append(entry)
 
     def init_app(self, app: Flask) -> None:
         """Set the extension up on ``app``: read its config, make its outbox, add ``flask signal-queue``.
@@ -47,6 +86,9 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again,
           whether it was running or only taken off its queue.
         - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
+        - ``SIGNAL_QUEUE_UNSENDABLE``: a kwarg that cannot be carried raises at emit (``raise``), or the
+          event is recorded as failed and the request goes on (``record``); ``auto`` (default) raises in
+          debug, testing, eager and capture mode and records otherwise.
 
         The client address a receiver sees is ``request.remote_addr`` as the app
         sees it; behind proxies, use werkzeug's ``ProxyFix``.
@@ -58,6 +100,9 @@ class SignalQueue:
         for key, default in DEFAULTS.items():
             app.config.setdefault(key, from_env(key, default))
         state = app.extensions[EXTENSION_KEY] = SignalQueueState(app)
+        for entry in self._types:
+            _register(state.codec, entry)
+        self._apps.add(app)
         install_request_hooks(app, state.outbox)
         if "signal-queue" not in app.cli.commands:
             app.cli.add_command(signal_queue_cli)
@@ -74,3 +119,18 @@ class SignalQueue:
         afterwards are still sent, on the emitting thread."""
         state_for(app).close()
 
+
+_TypeEntry = tuple[type, Callable[[Any], Any], Callable[[Any], Any], str | None]
+
+
+def _register(codec: Codec, entry: _TypeEntry) -> None:
+    cls, encode, decode, name = entry
+    try:
+        codec.register_type(cls, encode, decode, name)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"register_type({getattr(cls, '__qualname__', cls)!r}): {exc}") from None
+
+
+def _wire_name(entry: _TypeEntry) -> str:
+    cls, _, _, name = entry
+    return name or f"{cls.__module__}:{cls.__qualname__}"

@@ -18,7 +18,10 @@ from .producer.emit import Producer, producer_for
 from .producer.outbox import DELIVERY_MODES, Outbox
 from .producer.spool import Spool
 from .wire.codec import Codec
+from .wire.models import ModelCarrier
+from .wire.principal import IdentityCarrier
 from .wire.redis_url import hide_secrets, safe_url
+from .wire.users import UserCarrier
 
 
 class EventSink(Protocol):
@@ -60,7 +63,11 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_MAX_EVENT_BYTES": 256 * 1024,
     "SIGNAL_QUEUE_ABANDONED_AFTER": 30,
     "SIGNAL_QUEUE_MAINTENANCE_INTERVAL": 15,
+    "SIGNAL_QUEUE_UNSENDABLE": "auto",
 }
+
+#: What ``SIGNAL_QUEUE_UNSENDABLE`` may say about a kwarg that cannot be carried to a worker.
+UNSENDABLE_POLICIES = ("auto", "raise", "record")
 
 
 #: Keys of earlier releases that are refused now, with the fix.
@@ -88,6 +95,7 @@ class SignalQueueState(Producer):
             _names(config, "SIGNAL_QUEUE_REDACT_HEADERS"),
             max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0),
             globals_class=app.app_ctx_globals_class,
+            carriers=(UserCarrier(), ModelCarrier(), IdentityCarrier()),
         )
         timeout = config["SIGNAL_QUEUE_SOCKET_TIMEOUT"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
@@ -118,6 +126,11 @@ class SignalQueueState(Producer):
             batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
             spool=Spool(self.spool_path(app)),
         )
+        self.unsendable: str = config["SIGNAL_QUEUE_UNSENDABLE"]
+        if self.unsendable not in UNSENDABLE_POLICIES:
+            raise ConfigurationError(
+                f"SIGNAL_QUEUE_UNSENDABLE must be one of {', '.join(UNSENDABLE_POLICIES)}, got {self.unsendable!r}"
+            )
         mode = config["SIGNAL_QUEUE_DELIVERY"]
         if mode not in DELIVERY_MODES:
             raise ConfigurationError(f"SIGNAL_QUEUE_DELIVERY must be one of {', '.join(DELIVERY_MODES)}, got {mode!r}")
@@ -173,6 +186,13 @@ class SignalQueueState(Producer):
             execute_event(self.consumer, received_form(event, self.codec))
         else:
             self.outbox.put(event)
+
+    def raises_unsendable(self, app: Flask) -> bool:
+        """``raise``, or ``auto`` while a developer is looking: debug, testing, eager or a test's capture.
+        Otherwise (``record``, or ``auto`` in production) the request does not fail for an audit."""
+        if self.unsendable == "auto":
+            return bool(app.debug or app.testing or self.eager or self.capture is not None)
+        return self.unsendable == "raise"
 
     def close(self) -> None:
         """Stop the sender thread after sending what is pending; release Redis and the spool."""

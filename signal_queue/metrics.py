@@ -31,6 +31,7 @@ LOCAL = {
     "dropped": "Events dropped: more than SIGNAL_QUEUE_MAX_PENDING waited in memory",
     "discarded": "Events of discard_if_failed receivers dropped because their request failed",
     "backpressure": "Times a request thread sent a batch because the sender lagged",
+    "unsendable": "Events sent to be recorded as failed: a kwarg could not be carried (SIGNAL_QUEUE_UNSENDABLE)",
 }
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from devtools.redis_process import RedisProcess
 from signal_queue import PayloadError
@@ -169,8 +171,10 @@ def test_jobs_queued_before_a_setting_was_lowered_run_after_a_requeue(
 
 
 def test_oversized_event_is_refused_at_emit(conn: redis.Redis) -> None:
-    """Kwargs over SIGNAL_QUEUE_MAX_EVENT_BYTES raise PayloadError naming the largest key; nothing sent."""
-    app = create_app(SIGNAL_QUEUE_MAX_EVENT_BYTES=1000)
+    """Kwargs over SIGNAL_QUEUE_MAX_EVENT_BYTES raise PayloadError naming the largest key; nothing sent.
+    In production (the policy "auto" in an app that is not testing) the largest kwarg is replaced
+    by a marker the worker fails the event with, and the small ones are kept."""
+    app = create_app(SIGNAL_QUEUE_MAX_EVENT_BYTES=1000, SIGNAL_QUEUE_UNSENDABLE="raise")
     with app.app_context(), pytest.raises(PayloadError) as info:
         misc.send("x", value="y" * 5000)
     assert "over SIGNAL_QUEUE_MAX_EVENT_BYTES (1000)" in str(info.value)
@@ -179,6 +183,16 @@ def test_oversized_event_is_refused_at_emit(conn: redis.Redis) -> None:
         misc.send("x", value={"nested": ["z" * 2000]})
     drain(app)
     assert queued_events(conn) == 0
+
+    app = create_app(SIGNAL_QUEUE_MAX_EVENT_BYTES=1000)
+    with app.app_context():
+        misc.send("x", value="y" * 5000, note="kept")
+    drain(app)
+    [job_id] = conn.lrange("rq:queue:signals", 0, -1)
+    [event] = Job.fetch(job_id.decode(), connection=conn, serializer=JSONSerializer).args[0]
+    assert event["kwargs"]["note"] == "kept"
+    assert event["kwargs"]["value"]["__sq__"] == "unsendable"
+    assert "over SIGNAL_QUEUE_MAX_EVENT_BYTES (1000)" in event["kwargs"]["value"]["reason"]
 
 
 def test_worker_with_a_wrong_password_says_so(redis_url: str) -> None:

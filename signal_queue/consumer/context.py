@@ -52,7 +52,8 @@ def rebuilt_context(app: Flask, event: Event, codec: Codec) -> Iterator[None]:
 
     ``request.remote_addr`` is the client address as the app saw it at emit
     time; ``g`` gets the captured attributes; a Flask-Login user is reloaded
-    by the app's ``user_loader``. Pushing and popping forward no signals.
+    by the app's ``user_loader``. Pushing and popping the contexts, and rebuilding ``g`` and the
+    user, forward no signals.
     """
     snap = event.request
     if snap is None:
@@ -69,18 +70,24 @@ def rebuilt_context(app: Flask, event: Event, codec: Codec) -> Iterator[None]:
     with muted():
         ctx.push()
     try:
-        for name, value in event.g.items():
-            setattr(g, name, codec.decode(value))
-        if snap is not None and snap.user is not None:
-            _restore_login_user(app, snap.user)
+        # Like pushing the contexts, rebuilding g and the user (the app's user_loader) emits nothing.
+        with muted():
+            for name, value in event.g.items():
+                setattr(g, name, codec.decode(value))
+            if snap is not None:
+                _restore_login_user(app, snap.user)
         yield
     finally:
         with muted():
             ctx.pop()
 
 
-def _restore_login_user(app: Flask, user_id: str) -> None:
-    """Load the emit's user as Flask-Login's ``current_user`` will show it.
+def _restore_login_user(app: Flask, user_id: str | None) -> None:
+    """Load the emit's user as Flask-Login's ``current_user`` will show it (anonymous without one).
+
+    The worker never lets Flask-Login load the user itself: that reads a session
+    the worker does not have and sends ``user_accessed``, which a deferred
+    receiver of it would take as a new event.
 
     Flask-Login has no public way to call the ``user_loader`` or to set the
     current user without logging in (``login_user`` changes the session and
@@ -91,5 +98,5 @@ def _restore_login_user(app: Flask, user_id: str) -> None:
     if manager is None or "current_user" in g:
         return
     loader = getattr(manager, "_user_callback", None)
-    user = loader(user_id) if loader is not None else None
+    user = loader(user_id) if loader is not None and user_id is not None else None
     g._login_user = user if user is not None else manager.anonymous_user()

@@ -34,7 +34,7 @@ from ..exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatc
 from ..wire.codec import Codec
 from ..wire.event import Event, resolve_shared_request
 from ..wire.keys import ATTEMPT_FIELD, DONE_KEY, DONE_TTL, RUN_EVENT, RUN_EVENTS, STATS_KEY
-from ..wire.receivers import DeferredReceiver, receivers
+from ..wire.receivers import DeferredReceiver, muted, receivers
 from .context import handling, rebuilt_context
 from .redis_faults import describe, transient_cause
 from .rq_compat import record_failure_result
@@ -187,10 +187,13 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
     codec = consumer.codec
     with rebuilt_context(consumer.app, event, codec):
         try:
-            sender = codec.decode_sender(event.sender)
-            kwargs = {key: codec.decode(value) for key, value in event.kwargs.items()}
+            # Decoding runs the app's code (user_loader, register_type decoders): what it sends is
+            # not the receiver's own emit, so it is not deferred again (a loader would loop).
+            with muted():
+                sender = codec.decode_sender(event.sender)
+                kwargs = {key: codec.decode(value) for key, value in event.kwargs.items()}
         except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {exc!r}") from exc
+            raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {type(exc).__name__}: {exc}") from exc
         try:
             inspect.signature(receiver.func).bind(sender, **kwargs)
         except TypeError as exc:

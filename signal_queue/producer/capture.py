@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import re
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from flask import Flask, Request, g, has_app_context, has_request_context, request
@@ -30,9 +31,25 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,200}$")
 
 try:
+    import flask_login.signals as _login_signals
     from flask_login import current_user as _login_current_user
 except ImportError:  # Flask-Login is optional
     _login_current_user = None
+    _login_signals = None
+
+#: The signals Flask-Login sends while it loads the user (``LoginManager._load_user``), before
+#: ``current_user`` is set: reading ``current_user`` from inside one loads the user again, which
+#: sends it again, and so on until ``RecursionError``. Their events take the user from their
+#: ``user`` kwarg (the user being loaded), or have none. The header one is deprecated, and private.
+_LOADING_SIGNALS: frozenset[int] = frozenset(
+    id(getattr(_login_signals, name))
+    for name in ("user_accessed", "session_protected", "user_loaded_from_cookie", "user_loaded_from_request",
+                 "_user_loaded_from_header")
+    if _login_signals is not None and hasattr(_login_signals, name)
+)
+#: Set while a capture reads ``current_user``: a signal sent by that load (an app's ``user_loader``
+#: may send one) is captured without the user instead of loading it again, inside the load.
+_reading_user: ContextVar[bool] = ContextVar("signal_queue.reading_user", default=False)
 
 
 def request_id(environ: dict[str, Any]) -> str:
@@ -48,16 +65,31 @@ def request_id(environ: dict[str, Any]) -> str:
     return str(rid)
 
 
-def current_user_id(app: Flask, g_obj: Any) -> str | None:
-    """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None."""
+def current_user_id(
+    app: Flask, g_obj: Any, signal: Any = None, kwargs: dict[str, Any] | None = None
+) -> str | None:
+    """``g.current_user`` if set, else Flask-Login's ``current_user.get_id()``, else None.
+
+    For the signals Flask-Login sends while loading the user (``signal``), the user
+    is the one in their ``user`` kwarg, if any: ``current_user`` is not known yet.
+    """
     user = g_obj.__dict__.get("current_user")
     if user is not None:
         return user if isinstance(user, str) else _user_id(user)
     if _login_current_user is None or getattr(app, "login_manager", None) is None:
         return None
-    if not getattr(_login_current_user, "is_authenticated", False):
+    if id(signal) in _LOADING_SIGNALS:
+        loaded = (kwargs or {}).get("user")
+        return None if loaded is None or not getattr(loaded, "is_authenticated", False) else _user_id(loaded)
+    if _reading_user.get():
         return None
-    user_id = _login_current_user.get_id()
+    token = _reading_user.set(True)
+    try:
+        if not getattr(_login_current_user, "is_authenticated", False):
+            return None
+        user_id = _login_current_user.get_id()
+    finally:
+        _reading_user.reset(token)
     return None if user_id is None else str(user_id)
 
 
@@ -251,13 +283,22 @@ _PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def build_event(
-    app: Flask, codec: Codec, max_event_bytes: int, receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]
+    app: Flask,
+    codec: Codec,
+    max_event_bytes: int,
+    receiver: DeferredReceiver,
+    sender: Any,
+    kwargs: dict[str, Any],
+    *,
+    lenient: bool = False,
 ) -> PendingEvent:
     """Validate and encode what the handler will need; raise :class:`PayloadError` for a bad kwarg.
 
     This runs on the request thread for every emit, so plain values take a
     fast path and everything costly is left to :meth:`PendingEvent.to_dict`.
-    ``app`` is the current app, whose app context is active.
+    ``app`` is the current app, whose app context is active. With ``lenient``,
+    a kwarg that cannot be carried (or makes the event too large) is replaced by
+    a marker the worker fails the event with, instead of raising.
     """
     encoded = kwargs
     size = 0
@@ -265,11 +306,12 @@ def build_event(
         if type(value) is str:
             size += _json_size_bound(value)
         elif type(value) not in _PLAIN:
-            encoded = _encode_kwargs(codec, receiver, kwargs)
+            encoded = _encode_kwargs(codec, receiver, kwargs, lenient)
             size = _json_size_bound(encoded)
             break
     if size > max_event_bytes:
-        _refuse_size(max_event_bytes, receiver, encoded)  # measures exactly, raises only if really over
+        # Measures exactly, and acts only if really over.
+        encoded = (_shrink if lenient else _refuse_size)(max_event_bytes, receiver, encoded)
     raw = capture_request()
     captured_g: dict[str, Any] = {}
     user = None
@@ -277,7 +319,7 @@ def build_event(
         g_obj = g._get_current_object()
         captured_g = capture_g(codec, g_obj)
         if raw is not None:
-            user = current_user_id(app, g_obj)
+            user = current_user_id(app, g_obj, receiver.signal, kwargs)
     return PendingEvent(
         receiver,
         time.time(),
@@ -306,11 +348,16 @@ def _json_size_bound(value: Any) -> int:
     return 8
 
 
-def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> None:
-    sizes = sorted(((len(json.dumps(v)), k) for k, v in encoded.items()), reverse=True)
+def _sizes(encoded: dict[str, Any]) -> list[tuple[int, str]]:
+    """(bytes as JSON, key) of each kwarg, the largest first."""
+    return sorted(((len(json.dumps(v)), k) for k, v in encoded.items()), reverse=True)
+
+
+def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> dict[str, Any]:
+    sizes = _sizes(encoded)
     total = sum(n for n, _ in sizes)
     if total <= max_event_bytes:
-        return
+        return encoded
     raise PayloadError(
         f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: the kwargs take {total} bytes "
         f"as JSON, over SIGNAL_QUEUE_MAX_EVENT_BYTES ({max_event_bytes}); the largest is "
@@ -321,14 +368,36 @@ def _refuse_size(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict
     )
 
 
-def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, Any]) -> dict[str, Any]:
+def _shrink(max_event_bytes: int, receiver: DeferredReceiver, encoded: dict[str, Any]) -> dict[str, Any]:
+    """The kwargs with the largest replaced by markers until the event fits (lenient mode)."""
+    sizes = _sizes(encoded)
+    total = sum(n for n, _ in sizes)
+    shrunk = dict(encoded)
+    for size, key in sizes:
+        if total <= max_event_bytes:
+            break
+        reason = f"it takes {size} bytes as JSON, over SIGNAL_QUEUE_MAX_EVENT_BYTES ({max_event_bytes})"
+        shrunk[key] = Codec.unsendable(Unserializable(key, None, reason))
+        total -= size
+    return shrunk
+
+
+def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, Any], lenient: bool) -> dict[str, Any]:
+    if lenient:
+        encoded = {}
+        for key, value in kwargs.items():
+            try:
+                encoded[key] = codec.encode(value, key)
+            except Unserializable as exc:
+                encoded[key] = codec.unsendable(exc)
+        return encoded
     try:
         return {key: codec.encode(value, key) for key, value in kwargs.items()}
     except Unserializable as exc:
         raise PayloadError(
             f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: "
             f"kwarg {exc.key} cannot be sent to a worker ({exc.reason}); "
-            "deferred receivers get JSON data: pass ids, strings or numbers instead",
+            "pass ids, strings or numbers instead, or carry the type with SignalQueue.register_type",
             signal=receiver.signal_name,
             receiver=receiver.name,
             key=exc.key,

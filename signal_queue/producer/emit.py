@@ -8,15 +8,18 @@ operational failure (Redis down) never raises here.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from flask import Flask, current_app, has_app_context
 
-from ..exceptions import ConfigurationError
+from ..exceptions import ConfigurationError, PayloadError
 from ..wire.codec import Codec
 from ..wire.receivers import DeferredReceiver, forwarding_muted
 from .capture import PendingEvent, build_event
 from .outbox import Outbox
+
+logger = logging.getLogger("signal_queue")
 
 #: Where an app keeps its :class:`Producer` (the extension's per-app state), in ``app.extensions``.
 EXTENSION_KEY = "signal_queue"
@@ -38,6 +41,19 @@ class Producer:
     def route(self, app: Flask, event: PendingEvent) -> None:
         """Send ``event`` on its way: to the outbox."""
         self.outbox.put(event)
+
+    def raises_unsendable(self, app: Flask) -> bool:
+        """Whether a kwarg that cannot be carried raises at emit (else the event is recorded as failed)."""
+        return True
+
+    def record_unsendable(self, event: PendingEvent, error: PayloadError) -> None:
+        """An event sent with markers in place of what could not be carried: counted and logged."""
+        self.outbox.dispatcher.counters["unsendable"] += 1
+        logger.error(
+            "signal_queue: %s; event %s is sent with that kwarg replaced, and the worker records it as failed "
+            "(flask signal-queue failed shows it) instead of the request failing",
+            error, event.id,
+        )
 
 
 def producer_for(app: Flask) -> Producer:
@@ -70,4 +86,11 @@ def emit(receiver: DeferredReceiver, sender: Any, kwargs: dict[str, Any]) -> Non
         return
     app = app_for(sender, receiver)
     producer: Producer = app.extensions.get(EXTENSION_KEY) or producer_for(app)
-    producer.route(app, build_event(app, producer.codec, producer.max_event_bytes, receiver, sender, kwargs))
+    try:
+        event = build_event(app, producer.codec, producer.max_event_bytes, receiver, sender, kwargs)
+    except PayloadError as error:
+        if producer.raises_unsendable(app):
+            raise
+        event = build_event(app, producer.codec, producer.max_event_bytes, receiver, sender, kwargs, lenient=True)
+        producer.record_unsendable(event, error)
+    producer.route(app, event)

@@ -16,9 +16,10 @@ import datetime as dt
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 from flask import Flask, Request, current_app
 from flask.sessions import SessionMixin
@@ -91,7 +92,7 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _resolve_loaded(module: str, qualname: str) -> Any:
+def resolve_loaded(module: str, qualname: str) -> Any:
     """Find ``module:qualname`` among modules already imported, never importing one.
 
     Redis is not a trust boundary: a name read from a job must not make the
@@ -123,12 +124,42 @@ def _standin_class(module: str, qualname: str) -> type[RemoteException]:
     return cls
 
 
+#: What a :class:`Carrier`'s ``encode`` returns for a value that is not of its kind.
+NOT_MINE: Any = object()
+
+
+class Carrier(Protocol):
+    """A way to carry a kind of value that JSON and the built-in tags cannot (models, users...).
+
+    ``encode`` returns the tagged JSON form (``{TAG: carrier.tag, ...}``), or
+    :data:`NOT_MINE`; ``decode`` rebuilds the value in the worker, with the
+    emit's contexts pushed, and raises ``ValueError`` saying why it cannot.
+    """
+
+    tag: str
+
+    def encode(self, codec: Codec, value: Any, key: str, depth: int) -> Any: ...
+
+    def decode(self, codec: Codec, value: Mapping[str, Any], depth: int) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RegisteredType:
+    """A type the app registered with ``SignalQueue.register_type``: its name on the wire and its converters."""
+
+    cls: type
+    name: str
+    encode: Callable[[Any], Any]
+    decode: Callable[[Any], Any]
+
+
 class Codec:
     """Encodes values for a queue and decodes them in a worker.
 
     ``redact_headers`` names (lower case) the request and response headers whose values
     are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept;
-    ``globals_class`` is the app's ``app_ctx_globals_class`` (the type of ``g``).
+    ``globals_class`` is the app's ``app_ctx_globals_class`` (the type of ``g``);
+    ``carriers`` carry what nothing else does (see :class:`Carrier`), tried in order.
     """
 
     def __init__(
@@ -136,9 +167,13 @@ class Codec:
         redact_headers: Iterable[str] = (),
         max_body: int = 64 * 1024,
         globals_class: type = Flask.app_ctx_globals_class,
+        carriers: Sequence[Carrier] = (),
     ) -> None:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
         self.max_body = max_body
+        self.carriers = list(carriers)
+        self._carriers_by_tag = {c.tag: c for c in self.carriers}
+        self._types: dict[str, RegisteredType] = {}
         self._encoders: list[tuple[type | tuple[type, ...], Callable[[Any, str, int], Any]]] = [
             (BaseException, lambda v, k, d: self.encode_exception(v)),
             (Flask, lambda v, k, d: {TAG: "app"}),
@@ -182,10 +217,62 @@ class Codec:
             if TAG in encoded:
                 return {TAG: "dict", "items": encoded}
             return encoded
+        for registered in self._types.values():
+            if isinstance(value, registered.cls):
+                return self._encode_registered(registered, value, key, depth)
         for cls, encoder in self._encoders:
             if isinstance(value, cls):
                 return encoder(value, key, depth)
+        for carrier in self.carriers:
+            encoded = carrier.encode(self, value, key, depth)
+            if encoded is not NOT_MINE:
+                return encoded
         raise Unserializable(key, value)
+
+    @staticmethod
+    def unsendable(error: Unserializable) -> dict[str, Any]:
+        """What stands in for a value that cannot be carried, when the app records such events
+        instead of raising: the worker fails the event with this reason, never retrying it."""
+        return {TAG: "unsendable", "key": error.key, "reason": error.reason}
+
+    def register_type(
+        self, cls: type, encode: Callable[[Any], Any], decode: Callable[[Any], Any], name: str | None = None
+    ) -> RegisteredType:
+        """Carry instances of ``cls`` (and its subclasses) as ``encode(value)``, rebuilt by ``decode``.
+
+        ``name`` is how the wire names the type (default ``module:qualname``);
+        give one that survives a rename of the class.
+        """
+        if not isinstance(cls, type):
+            raise TypeError(f"register_type needs a class, got {cls!r}")
+        if not (callable(encode) and callable(decode)):
+            raise TypeError(f"register_type({cls.__qualname__}): encode and decode must be callables")
+        name = name or f"{cls.__module__}:{cls.__qualname__}"
+        existing = self._types.get(name)
+        if existing is not None and existing.cls is not cls:
+            raise ValueError(
+                f"type name {name!r} is already registered for {existing.cls.__module__}.{existing.cls.__qualname__}"
+            )
+        registered = self._types[name] = RegisteredType(cls, name, encode, decode)
+        return registered
+
+    def _encode_registered(self, registered: RegisteredType, value: Any, key: str, depth: int) -> Any:
+        try:
+            plain = registered.encode(value)
+        except Exception as exc:
+            raise Unserializable(key, value, f"encoding it as type {registered.name!r} failed: {exc!r}") from None
+        return {TAG: "type", "name": registered.name, "v": self.encode(plain, key, depth + 1)}
+
+    def _decode_registered(self, value: Mapping[str, Any], depth: int) -> Any:
+        name = value.get("name")
+        registered = self._types.get(name) if isinstance(name, str) else None
+        if registered is None:
+            raise ValueError(f"type {name!r} is not registered in this worker (SignalQueue.register_type)")
+        plain = self.decode(value.get("v"), depth + 1)
+        try:
+            return registered.decode(plain)
+        except Exception as exc:
+            raise ValueError(f"type {name!r}: decode failed: {exc!r}") from exc
 
     def _encode_items(self, items: Iterable[Any], key: str, depth: int = 0) -> list[Any]:
         return [self.encode(v, f"{key}[{i}]", depth + 1) for i, v in enumerate(items)]
@@ -263,6 +350,11 @@ class Codec:
             return container(self, value, depth)
         if tag == "exception":
             return self.decode_exception(value, depth)
+        if tag == "type":
+            return self._decode_registered(value, depth)
+        carrier = self._carriers_by_tag.get(tag)
+        if carrier is not None:
+            return carrier.decode(self, value, depth + 1)
         decoder = _DECODERS.get(tag)
         if decoder is None:
             raise ValueError(f"unknown tag {tag!r}")
@@ -271,7 +363,7 @@ class Codec:
     def decode_sender(self, value: Any) -> Any:
         """Rebuild a sender: the worker's app, a JSON value, a class or function, or a stand-in."""
         if isinstance(value, dict) and value.get(TAG) == "ref":
-            found = _resolve_loaded(str(value["module"]), str(value["qualname"]))
+            found = resolve_loaded(str(value["module"]), str(value["qualname"]))
             if found is not None:
                 return found
             return OpaqueSender("type", f"<{value['module']}.{value['qualname']}>")
@@ -284,7 +376,7 @@ class Codec:
         module, qualname = str(value["module"]), str(value["qualname"])
         message, text = str(value["message"]), str(value["traceback"])
         notes = [str(n) for n in value.get("notes") or ()]
-        cls = _resolve_loaded(module, qualname)
+        cls = resolve_loaded(module, qualname)
         exc: BaseException | None = None
         if isinstance(cls, type) and issubclass(cls, BaseException) and value["args"] is not None:
             try:
@@ -334,6 +426,7 @@ _DECODERS: dict[str, Callable[[Codec, Mapping[str, Any]], Any]] = {
     "request": _current("request"),
     "g": _current("g"),
     "session": _current("session"),
+    "unsendable": lambda c, v: _refuse_unsendable(v),
     "datetime": lambda c, v: dt.datetime.fromisoformat(v["v"]),
     "date": lambda c, v: dt.date.fromisoformat(v["v"]),
     "time": lambda c, v: dt.time.fromisoformat(v["v"]),
@@ -349,6 +442,10 @@ _CONTAINERS: dict[str, Callable[[Codec, Mapping[str, Any], int], Any]] = {
     "frozenset": lambda c, v, d: frozenset(c.decode(v["items"], d)),
     "dict": lambda c, v, d: {k: c.decode(x, d + 1) for k, x in v["items"].items()},
 }
+
+
+def _refuse_unsendable(value: Mapping[str, Any]) -> Any:
+    raise ValueError(f"kwarg {value.get('key')} could not be carried to the worker: {value.get('reason')}")
 
 
 def _safe_str(obj: object) -> str:
