@@ -89,7 +89,7 @@ def read(root: Path) -> dict[str, Module]:
                     continue
                 mod.imports.add(target)
                 if in_function:
-                    mod.in_functions.append((node.lineno, target))
+                    mod.in_functions.append((getattr(node, "lineno", 0), target))
     return modules
 
 
@@ -152,12 +152,12 @@ def main(root: Path) -> int:
     for component in found:
         print(f"  {len(component)} modules: {', '.join(component)}")
     print(f"imports against the layers: {len(breaks)}")
-    for line in breaks:
-        print(f"  {line}")
-    inside = [(m.name, line, target) for m in modules.values() for line, target in m.in_functions]
+    for text in breaks:
+        print(f"  {text}")
+    inside = [(m.name, number, target) for m in modules.values() for number, target in m.in_functions]
     print(f"imports inside functions: {len(inside)}")
-    for name, line, target in inside:
-        print(f"  {name}:{line} -> {target}")
+    for name, number, target in inside:
+        print(f"  {name}:{number} -> {target}")
     return 1 if found or breaks else 0
 
 

@@ -15,7 +15,7 @@ from flask.cli import AppGroup, NoAppException
 from rq import Worker
 
 from ._state import state_for
-from .consumer.failures import failed_events, iter_failed, quarantined_entries, signal_queues
+from .consumer.failures import failed_events, iter_failed, quarantined_entries, requeue, signal_queues
 from .consumer.quarantine import purge_quarantined
 from .consumer.rq_compat import taken_count
 from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
@@ -150,10 +150,9 @@ def requeue_command(
     state = state_for(current_app)
     found = list(iter_failed(state.connection, queue_names or state.queue_names(), receiver=receiver, ids=set(ids)))
     done: list[str] = []
-    # RQ's FailedJobRegistry.requeue: the job keeps its id and history.
     with click.progressbar(found, label="requeueing", file=sys.stderr) as jobs:
         for queue, job in jobs:
-            queue.failed_job_registry.requeue(job.id)
+            requeue(queue, job, state.consumer)
             done.append(job.id)
     if as_json:
         click.echo(json.dumps({"requeued": done}))

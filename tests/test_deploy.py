@@ -13,6 +13,7 @@ import yaml
 
 from tests.conftest import ROOT
 
+DOCS = ROOT / "docs"
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 
@@ -70,11 +71,11 @@ def test_compose_commands_name_files_and_modules_that_exist() -> None:
 
 
 def test_compose_environment_is_documented() -> None:
-    """Every environment variable compose sets is in the README's configuration table."""
-    readme = (ROOT / "README.md").read_text()
+    """Every environment variable compose sets is in docs/configuration.md, in a table row of its own."""
+    configuration = (DOCS / "configuration.md").read_text()
     for svc in COMPOSE["services"].values():
         for key in (svc.get("environment") or {}):
-            assert f"`{key}`" in readme, key
+            assert re.search(rf"^\|[^|\n]*`{key}`", configuration, re.M), key
     assert "redis-data" in COMPOSE["volumes"]
     for name, volume in (("app", "app-spool"), ("worker", "worker-spool")):
         svc = COMPOSE["services"][name]
@@ -148,11 +149,125 @@ def test_demo_falls_back_to_the_embedded_redis() -> None:
     assert "bob@127.0.0.1 accessed /dashboard" in out.stdout
 
 
+def section(text: str, heading: str) -> str:
+    """The body of the ``## heading`` section of a Markdown page, up to the next ``## ``."""
+    start = text.index(f"\n## {heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def documented_default(value: Any) -> list[str]:
+    """How a default from DEFAULTS is written in the configuration table."""
+    if isinstance(value, tuple):
+        return [f"`{item}`" for item in value] or ["`()`"]
+    if value == "":
+        return ['`""`']
+    return [f"`{value}`"]
+
+
 def test_every_config_key_is_documented() -> None:
-    """The README's configuration table names every key the extension reads, with its default."""
+    """docs/configuration.md has a row for every key the extension reads, with its default."""
     from signal_queue._state import DEFAULTS
 
+    table = section((DOCS / "configuration.md").read_text(), "Keys")
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"^\| `(SIGNAL_QUEUE_\w+)` \|.*$", table, re.M)}
+    assert set(rows) == set(DEFAULTS), "the table lists exactly the keys in DEFAULTS"
+    for key, default in DEFAULTS.items():
+        cell = rows[key].split("|")[2]
+        for text in documented_default(default):
+            assert text in cell, f"{key}: default {text} is not in {cell!r}"
+
+
+def test_removed_config_keys_say_what_to_do_instead() -> None:
+    """Each key in REMOVED is in the configuration page's removed keys and in the migration guide, with its fix."""
+    from signal_queue._state import REMOVED
+
+    removed = section((DOCS / "configuration.md").read_text(), "Removed keys")
+    migration = (DOCS / "migration.md").read_text()
+    assert REMOVED, "nothing removed: drop this test and the section"
+    for key in REMOVED:
+        assert f"`{key}`" in removed, key
+        assert key in migration, key
+    assert "ProxyFix(app.wsgi_app, x_for=" in removed and "ProxyFix(app.wsgi_app, x_for=" in migration
+
+
+def test_security_page_names_the_redacted_headers_and_the_job_allow_list() -> None:
+    """docs/security.md lists the headers redacted by default and every field a job hash may hold."""
+    from signal_queue._state import DEFAULT_REDACT_HEADERS
+    from signal_queue.consumer.job import _FIELDS
+
+    security = (DOCS / "security.md").read_text()
+    headers = section(security, "What a client controls")
+    for header in DEFAULT_REDACT_HEADERS:
+        assert f"`{header}`" in headers, header
+    allowed = section(security, "What a worker does with a job")
+    for field in _FIELDS:
+        assert f"`{field}`" in allowed, field
+
+
+def test_operations_page_covers_every_command_and_worker_option() -> None:
+    """docs/operations.md names each `flask signal-queue` command and each option of the worker command."""
+    from signal_queue._cli import signal_queue_cli, worker_main
+
+    operations = (DOCS / "operations.md").read_text()
+    commands = section(operations, "`flask signal-queue` commands")
+    for name in signal_queue_cli.commands:
+        assert f"| `{name}" in commands, name
+    options = section(operations, "Running workers")
+    for param in worker_main.params:
+        for opt in param.opts:
+            shown = opt if opt.startswith("-") else opt.upper()
+            assert f"`{shown}" in options, shown
+
+
+def test_readme_links_every_docs_page() -> None:
+    """The README is the way in: each page under docs/ is linked from it."""
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("## Configuration") : readme.index("## Testing your receivers")]
-    for key in DEFAULTS:
-        assert f"| `{key}` |" in table, key
+    pages = sorted(DOCS.glob("*.md"))
+    assert pages, "docs/ has pages"
+    for page in pages:
+        assert f"](docs/{page.name})" in readme, page.name
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    found: set[str] = set()
+    for heading in re.findall(r"^#{1,6} (.+)$", strip_fences(page.read_text()), re.M):
+        anchor = github_anchor(heading)
+        n = 1
+        unique = anchor
+        while unique in found:
+            unique, n = f"{anchor}-{n}", n + 1
+        found.add(unique)
+    return found
+
+
+def strip_fences(text: str) -> str:
+    """Markdown without its fenced code blocks, where ``#`` starts no heading and brackets make no link."""
+    return re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+
+
+def strip_code(text: str) -> str:
+    """Markdown without code, fenced or inline."""
+    return re.sub(r"`[^`\n]*`", "", strip_fences(text))
+
+
+def test_relative_links_in_the_docs_point_to_files_that_exist() -> None:
+    """Every relative link in README.md and docs/*.md names a file (and a heading, for #anchors) that exists."""
+    pages = [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    checked = 0
+    for page in pages:
+        for target in re.findall(r"\[[^\]]*\]\(([^)\s]+)\)", strip_code(page.read_text())):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target):
+                continue  # https:, mailto:
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.relative_to(ROOT)} links to {target}, which does not exist"
+            if anchor and linked.suffix == ".md":
+                assert anchor in anchors(linked), f"{page.relative_to(ROOT)} links to {target}: no such heading"
+            checked += 1
+    assert checked > 20, "the links were found"

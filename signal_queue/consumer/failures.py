@@ -12,8 +12,9 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from ..wire.keys import RUN_EVENT, RUN_EVENTS
-from .job import SignalJob
+from .job import SignalJob, worker_settings
 from .quarantine import quarantined
+from .run import Consumer
 
 
 def signal_queues(connection: redis.Redis, names: Iterable[str]) -> list[Queue]:
@@ -88,6 +89,16 @@ def failed_events(
             }
         )
     return rows
+
+
+def requeue(queue: Queue, job: Job, consumer: Consumer) -> None:
+    """Send a failed job back to its queue with RQ's ``FailedJobRegistry.requeue`` (same id and history),
+    with the timeout and TTLs this worker gives it: a job refused because a setting was lowered since
+    it was enqueued runs after the requeue."""
+    settings = worker_settings(job, consumer)
+    if settings:
+        job.connection.hset(job.key, mapping={name: str(value) for name, value in settings.items()})
+    queue.failed_job_registry.requeue(job.id)
 
 
 def quarantined_entries(connection: redis.Redis, queue_names: Iterable[str]) -> list[dict[str, Any]]:

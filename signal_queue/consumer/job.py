@@ -208,6 +208,15 @@ def _data_problems(job: Job) -> list[str]:
     return []
 
 
+def worker_settings(job: Job, consumer: Consumer) -> dict[str, int]:
+    """The timeout and TTLs this worker gives ``job``: what a requeue writes back, so that a job
+    enqueued before a setting was lowered is not refused again for the old value."""
+    if not _data_readable(job) or not job.args:
+        return {}
+    timeout, _ = _event_limits(job, consumer)
+    return {"timeout": timeout, "result_ttl": consumer.result_ttl, "failure_ttl": consumer.failure_ttl}
+
+
 def _settings_problems(job: Job, consumer: Consumer) -> list[str]:
     """Settings the worker would act on that are larger than it sets itself (a job cannot outlive its
     TTLs, outrun its alarm or retry more than its receiver allows because Redis said so)."""

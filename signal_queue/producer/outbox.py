@@ -6,7 +6,7 @@ Delivery modes (``SIGNAL_QUEUE_DELIVERY``):
     The request thread appends the event to an in-memory queue; a sender
     thread sends whatever has gathered, every ``SIGNAL_QUEUE_LINGER`` seconds
     at most, as batched RQ jobs in one pipeline. The request never waits for
-    Redis. Lost if the process dies before the sender ran (see README).
+    Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
 ``after_response``
     Events are held on the request and sent in one pipeline when the
     response is closed (after the body went out), on the request's thread.

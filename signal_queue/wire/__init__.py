@@ -3,5 +3,6 @@
 - :mod:`.event`: the event and request snapshot as JSON, the format version, ids;
 - :mod:`.codec`: JSON encoding of kwargs, senders and exceptions;
 - :mod:`.keys`: the job function names, Redis keys and fields the bridge writes;
-- :mod:`.receivers`: the ``@deferred`` receivers by name, the only ones a job may name.
+- :mod:`.receivers`: the ``@deferred`` receivers by name, the only ones a job may name;
+- :mod:`.redis_url`: Redis URLs as messages may show them, passwords masked.
 """

@@ -126,7 +126,7 @@ def _standin_class(module: str, qualname: str) -> type[RemoteException]:
 class Codec:
     """Encodes values for a queue and decodes them in a worker.
 
-    ``redact_headers`` names (lower case) the response headers whose values
+    ``redact_headers`` names (lower case) the request and response headers whose values
     are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept;
     ``globals_class`` is the app's ``app_ctx_globals_class`` (the type of ``g``).
     """
