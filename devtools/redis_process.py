@@ -92,6 +92,13 @@ class RedisProcess:
         while True:
             try:
                 client.ping()
+                pid = int(client.info("server")["process_id"])
+                if pid != self.process.pid:
+                    # The port was free when chosen and taken by someone else's server since (test
+                    # sessions run side by side): talking to it would be talking to a stranger.
+                    self.process.kill()
+                    self.process.wait(timeout=10)
+                    raise RedisNotFound(f"port {self.port} was taken by another redis-server (pid {pid})")
                 return
             except redis.BusyLoadingError:
                 if not until_loaded:
