@@ -524,3 +524,29 @@ def test_a_process_writing_a_spool_another_moved_aside_writes_the_fresh_one(
         writer.stdin.close()
         writer.wait(10)
         writer.stdout.close()
+
+
+def test_a_partly_corrupt_spool_keeps_the_rows_it_can_read(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Garbage over the spool's last pages: the rows still readable go into the fresh spool (and are
+    replayed); only the events of the unreadable ones are counted as lost."""
+    from signal_queue.producer.spool import Spool, SpooledBatch
+
+    path = tmp_path / "spool.sqlite3"
+    spool = Spool(str(path))
+    for n in range(10):  # a row of ~3 KB per 4 KB page
+        spool.put([SpooledBatch(f"job{n}", "signals", {"args": ["x" * 3000]}, 10)])
+    spool._run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))  # as SQLite does every 1000 pages
+    spool.close()
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size - 3 * 4096)
+        f.write(os.urandom(3 * 4096))
+    with caplog.at_level(logging.ERROR, logger="signal_queue"):
+        depth = Spool(str(path)).depth()
+    counts = spool.ledger.read()
+    print(f"\npartly corrupt: kept {depth}, lost {counts['lost']} of 100 events")
+    assert depth[1] + counts["lost"] == 100 and depth[1] >= 50 and counts["lost"] > 0
+    assert f"{depth[1]} event(s) read back from it; {counts['lost']} more it held" in caplog.text
+    assert counts["spool_events"] == depth[1]
+    claimed = Spool(str(path)).claim(100)
+    assert {b.job_id for b in claimed} <= {f"job{n}" for n in range(10)} and len(claimed) == depth[0]

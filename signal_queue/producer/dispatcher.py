@@ -78,15 +78,17 @@ class LogLimiter:
         self.interval = interval
         self._last: dict[str, float] = {}
         self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()  # request threads (drops) and the sender both report
 
     def due(self, cause: str, count: int = 1) -> int:
         """Add ``count``; return the count to write now (with what was held back), or 0 to stay quiet."""
-        self._held[cause] += count
         now = time.monotonic()
-        if now - self._last.get(cause, -self.interval) < self.interval:
-            return 0
-        self._last[cause] = now
-        return self._held.pop(cause)
+        with self._lock:
+            self._held[cause] += count
+            if now - self._last.get(cause, -self.interval) < self.interval:
+                return 0
+            self._last[cause] = now
+            return self._held.pop(cause)
 
 
 @dataclass
@@ -394,6 +396,8 @@ class Dispatcher:
                 self._sent_not_deleted.update((b.job_id, b.events) for b in claimed)
                 self._spool_trouble("delete", exc)
                 return sent + fresh
+            for b in claimed:
+                self._sent_not_deleted.pop(b.job_id, None)
             sent += fresh
         return sent
 
@@ -538,7 +542,7 @@ class Dispatcher:
     @property
     def sent_not_deleted(self) -> int:
         """Events this process replayed from rows it could not delete yet (a full disk): not waiting."""
-        return sum(self._sent_not_deleted.values())
+        return sum(list(self._sent_not_deleted.values()))  # a copy: the replaying thread may change it
 
     def _spool_state(self) -> str:
         try:

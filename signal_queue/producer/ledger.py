@@ -233,19 +233,36 @@ class Ledger:
         fd = self._descriptor(False)
         if fd is None:
             return dict.fromkeys(FIELDS, 0)
-        with self._counts_locked():
-            return _counts(os.pread(fd, _FORMAT.size, 0))
+        try:
+            with self._counts_locked():
+                return _counts(os.pread(fd, _FORMAT.size, 0))
+        except OSError as exc:
+            if not self._error_logged:
+                self._error_logged = True
+                logger.error("signal_queue: cannot read the count file %s (%s: %s)", self.path,
+                             type(exc).__name__, exc)
+            return dict.fromkeys(FIELDS, 0)
 
     def add(self, **deltas: int) -> bool:
-        """Add to counts (a negative delta subtracts); False if there is no count file to add to."""
+        """Add to counts (a negative delta subtracts); False if they could not be written (logged once).
+
+        Never raises: it is called where events are lost, on request threads too.
+        """
         fd = self._descriptor(True)
         if fd is None:
             return False
-        with self._counts_locked():
-            counts = _counts(os.pread(fd, _FORMAT.size, 0))
-            for name, delta in deltas.items():
-                counts[name] = max(0, counts[name] + delta)
-            self._write(fd, counts)
+        try:
+            with self._counts_locked():
+                counts = _counts(os.pread(fd, _FORMAT.size, 0))
+                for name, delta in deltas.items():
+                    counts[name] = max(0, counts[name] + delta)
+                self._write(fd, counts)
+        except OSError as exc:
+            if not self._error_logged:
+                self._error_logged = True
+                logger.error("signal_queue: cannot write the count file %s (%s: %s)", self.path,
+                             type(exc).__name__, exc)
+            return False
         return True
 
     def mark_published(self, totals: dict[str, int]) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from .ledger import Ledger, ledger_at
 
@@ -134,9 +135,15 @@ class Spool:
                 os.makedirs(directory, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=10.0, isolation_level=None, check_same_thread=False)
             self._conn, self._file = conn, self._identity()
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(_SCHEMA)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(_SCHEMA)
+            except sqlite3.Error as exc:
+                if not is_corrupt(exc):  # a corrupt file's connection is _replace_corrupt's to abandon
+                    self._conn = None
+                    conn.close()  # half set up: the next operation opens it again
+                raise
         return self._conn
 
     def _run(self, operation: Callable[[sqlite3.Connection], T], *, again: bool = True) -> T:
@@ -353,7 +360,7 @@ def _salvage(path: str) -> list[tuple[Any, ...]]:
     """The rows of a corrupt spool that can still be read, read-only, until the first unreadable page."""
     rows: list[tuple[Any, ...]] = []
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+        db = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None)
     except sqlite3.Error:
         return rows
     try:
