@@ -23,8 +23,8 @@ from tests.recording import records
 PACKAGE = ROOT / "signal_queue"
 
 
-def sender_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "signal_queue-sender" and t.is_alive())
+def sender_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "signal_queue-sender" and t.is_alive()}
 
 
 def wait_until(condition: object, timeout: float = 10.0) -> bool:
@@ -78,15 +78,16 @@ def test_close_stops_the_sender_of_each_app_a_factory_made(conn: redis.Redis) ->
     for i, app in enumerate(apps):
         with app.app_context():
             misc.send("factory", value=f"v{i}")
-    assert sender_threads() >= before + 50, "each app's first emit started its sender"
+    started = sender_threads() - before
+    assert len(started) == 50, "each app's first emit started its sender"
     for app in apps:
         SignalQueue.close(app)
-    assert sender_threads() == before
+    assert not any(t.is_alive() for t in started)
     assert queued_events(conn) == 50, "close() sent what was pending"
 
     with apps[0].app_context():
         misc.send("factory", value="after-close")  # sent on this thread: nothing is lost
-    assert sender_threads() == before
+    assert not (sender_threads() - before), "no sender started again"
     assert queued_events(conn) == 51
 
 
@@ -97,10 +98,10 @@ def test_an_app_dropped_without_close_takes_its_sender_with_it(conn: redis.Redis
     with app.app_context():
         misc.send("dropped", value="x")
     app.extensions["signal_queue"].outbox.flush()
-    assert sender_threads() == before + 1
+    [thread] = sender_threads() - before
     del app
     gc.collect()
-    assert wait_until(lambda: sender_threads() == before), "the sender of a dropped app is still running"
+    assert wait_until(lambda: not thread.is_alive()), "the sender of a dropped app is still running"
 
 
 @pytest.mark.parametrize("function", [RUN_EVENTS, "signal_queue.jobs.run_event"])

@@ -345,12 +345,20 @@ def test_preload_with_a_spool_left_behind_forks_children_that_spool_and_replay(t
     spool_while_down(env, 10_000, 10)  # 30 events left behind by a process that is gone
     holder = sqlite3.connect(spool, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # e.g. `flask signal-queue replay` busy on it
-    app = Gunicorn(env, tmp_path / "gunicorn.log", "--preload")
+    threads_at_fork = tmp_path / "threads-at-fork"
+    hooks = tmp_path / "gunicorn_hooks.py"  # pre_fork runs in the master, just before each fork
+    hooks.write_text(
+        "import threading\n"
+        "def pre_fork(server, worker):\n"
+        f"    with open({str(threads_at_fork)!r}, 'a') as f:\n"
+        "        f.write(','.join(sorted(t.name for t in threading.enumerate())) + '\\n')\n"
+    )
+    app = Gunicorn(env, tmp_path / "gunicorn.log", "--preload", "-c", str(hooks))
     worker = None
     try:
         wait_until("gunicorn to serve", app.up, 30)
         children = app.stats(2)
-        master_threads = len(os.listdir(f"/proc/{app.process.pid}/task"))
+        at_fork = threads_at_fork.read_text().splitlines()
         holder.execute("ROLLBACK")
         holder.close()
         app.load(2.0)
@@ -373,12 +381,14 @@ def test_preload_with_a_spool_left_behind_forks_children_that_spool_and_replay(t
         keys = handled_keys(log)
         twice = sum(c - 1 for c in keys.values() if c > 1)
         print(
-            f"\npreload: children {sorted(children)}, master threads {master_threads}, spooled per child {spooled}, "
+            f"\npreload: children {sorted(children)}, master's threads at each fork {at_fork}, spooled per child "
+            f"{spooled}, "
             f"expected {len(expected)} (30 left behind), handled {len(set(keys) & expected)}, lost "
             f"{len(expected - set(keys))}, run twice {twice}, recovered {recovered_in:.1f}s after Redis started"
         )
         assert len(children) == 2
-        assert master_threads == 1, "the master runs no sender thread"
+        assert len(at_fork) == 2, at_fork
+        assert not any("signal_queue-sender" in line for line in at_fork), "the master runs no sender thread"
         assert len(spooled) == 2 and all(spooled.values()), f"a child hangs: spooled {spooled}"
         assert set(keys) == expected and twice == 0
     finally:
