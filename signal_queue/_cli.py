@@ -15,7 +15,7 @@ from flask import Flask, current_app
 from flask.cli import AppGroup, NoAppException
 from rq import Worker
 
-from ._state import SignalQueueState, state_for
+from ._state import state_for
 from .consumer.failures import failed_events, iter_failed, signal_queues
 from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
 from .exceptions import ConfigurationError
@@ -172,7 +172,7 @@ def info_command(as_json: bool) -> None:
     shown_url = safe_url(state.redis_url)
     try:
         seen = snapshot(state)
-        queues, workers = (_queues_and_workers(state) if seen.redis_error is None else (None, None))
+        queues, workers = (_queues_and_workers() if seen.redis_error is None else (None, None))
     except redis.RedisError as exc:
         if unreachable(exc):  # it went away between two calls
             seen = snapshot(state)
@@ -235,8 +235,9 @@ def info_command(as_json: bool) -> None:
         click.echo(f"  {r['signal']:28} {r['receiver']:48} queue={r['queue']}")
 
 
-def _queues_and_workers(state: SignalQueueState) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _queues_and_workers() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """What Redis says of the app's queues and the workers on them (raises if Redis is down)."""
+    state = state_for(current_app)
     queues: list[dict[str, Any]] = []
     for name in state.queue_names():
         rq_queue = state.dispatcher.queue(name)  # counts only: RQ's plain Job class will do
