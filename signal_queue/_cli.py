@@ -170,17 +170,25 @@ def info_command(as_json: bool) -> None:
     """
     state = state_for(current_app)
     shown_url = safe_url(state.redis_url)
+
+    def refused(exc: redis.RedisError) -> click.ClickException:
+        # A wrong password or database needs fixing, not waiting for: a failure, not a report.
+        return click.ClickException(
+            f"Redis at {shown_url} refused: {type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
+        )
+
     try:
         seen = snapshot(state)
-        queues, workers = (_queues_and_workers() if seen.redis_error is None else (None, None))
     except redis.RedisError as exc:
-        if unreachable(exc):  # it went away between two calls
-            seen = snapshot(state)
-            queues, workers = None, None
-        else:
-            raise click.ClickException(
-                f"Redis at {shown_url} refused: {type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
-            ) from None
+        raise refused(exc) from None
+    queues = workers = None
+    if seen.redis_error is None:
+        try:
+            queues, workers = _queues_and_workers()
+        except redis.RedisError as exc:
+            if not unreachable(exc):
+                raise refused(exc) from None
+            seen.redis_error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"  # gone meanwhile
     spool = state.dispatcher.spool
     data: dict[str, Any] = {
         "redis": shown_url,

@@ -45,7 +45,7 @@ HOST = {
 LOCAL = {
     "emitted": "Events this process's forwarding receivers took",
     "spooled": "Events this process wrote to the outage spool",
-    "lost": "Events lost: Redis failed and the spool could not be written",
+    "lost": "Events lost: Redis failed and the spool could not be written, or a corrupt spool it found took them",
     "dropped": "Events dropped: more than SIGNAL_QUEUE_MAX_PENDING waited in memory",
     "discarded": "Events of discard_if_failed receivers dropped because their request failed",
     "backpressure": "Times a request thread sent a batch because the sender lagged",
