@@ -560,3 +560,26 @@ def test_a_partly_corrupt_spool_keeps_the_rows_it_can_read(tmp_path: Path, caplo
     assert counts["spool_events"] == depth[1]
     claimed = Spool(str(path)).claim(100)
     assert {b.job_id for b in claimed} <= {f"job{n}" for n in range(10)} and len(claimed) == depth[0]
+
+
+@pytest.mark.parametrize("mode", ["background", "after_response", "immediate"])
+def test_a_spool_left_behind_is_replayed_after_the_first_event(tmp_path: Path, redis_url: str, mode: str) -> None:
+    """No sender thread at start (a preloading master must not run one); the first event starts it,
+    and it replays what an earlier process left, in every delivery mode."""
+    from tests.conftest import queued_events
+    from tests.misc_app import create_app
+
+    spool = str(tmp_path / "spool.sqlite3")
+    down = create_app(SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", SIGNAL_QUEUE_SPOOL_PATH=spool)
+    for n in range(3):
+        down.test_client().get(f"/emit/left{n}")
+    down.extensions["signal_queue"].close()
+    app = create_app(SIGNAL_QUEUE_SPOOL_PATH=spool, SIGNAL_QUEUE_DELIVERY=mode)
+    outbox = app.extensions["signal_queue"].outbox
+    assert outbox._thread is None, "no thread before the process needs one"
+    conn = redis.Redis.from_url(redis_url)
+    assert queued_events(conn) == 0
+    response = app.test_client().get("/emit/first")
+    response.close()
+    wait_until("the spool to be replayed", lambda: queued_events(conn) == 4, 20)
+    assert app.extensions["signal_queue"].dispatcher.spool.depth() == (0, 0)

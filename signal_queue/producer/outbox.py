@@ -101,8 +101,8 @@ class Outbox:
     def _deliver(self, events: list[PendingEvent]) -> None:
         if self.mode == "background":
             self._enqueue_background(events)
-        elif not self.dispatcher.deliver(events):
-            self._start()
+        elif not self.dispatcher.deliver(events) or (self._thread is None and self.dispatcher.spool_dirty):
+            self._start()  # the sender replays the spool (left by an earlier process, or just written)
 
     def _enqueue_background(self, events: list[PendingEvent]) -> None:
         if self._closed:
