@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
+import redis
 from flask import Flask, current_app
 from flask.cli import AppGroup, NoAppException
 from rq import Worker
@@ -20,10 +21,10 @@ from .consumer.quarantine import purge_quarantined
 from .consumer.rq_compat import taken_count
 from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
 from .exceptions import ConfigurationError
-from .metrics import prometheus_text, totals
+from .metrics import prometheus_text, snapshot, unreachable
 from .wire.keys import QUARANTINE_KEY
 from .wire.receivers import receivers
-from .wire.redis_url import safe_url, url_secrets
+from .wire.redis_url import hide_secrets, safe_url, url_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("signal_queue.worker")
@@ -119,12 +120,14 @@ def replay_command(as_json: bool) -> None:
     left, last_change, deadline = events, time.monotonic(), time.monotonic() + 300
     while left and time.monotonic() - last_change < 5 and time.monotonic() < deadline:
         dispatcher.replay()
-        now_left = dispatcher.spool.depth()[1]
+        now_left = dispatcher.spool.depth()[1] - dispatcher.sent_not_deleted  # sent rows a full disk keeps
         if now_left < left:
             left, last_change = now_left, time.monotonic()
         elif left:
             time.sleep(0.1)
     replayed, skipped = dispatcher.counters["replayed"], dispatcher.counters["replay_skipped"]
+    if not left and dispatcher.healthy:
+        dispatcher.publish_counts()  # this host's spooled and lost counts, into Redis's totals
     if as_json:
         click.echo(json.dumps({"spool": dispatcher.spool.path, "replayed": replayed, "skipped": skipped, "left": left}))
     else:
@@ -163,11 +166,92 @@ def requeue_command(
 @signal_queue_cli.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
 def info_command(as_json: bool) -> None:
-    """Queues, workers, failed events, the outage spool and the registered receivers."""
+    """Queues, workers, failed events, the outage spool, counts and the registered receivers.
 
-
+    Works while Redis is down: it says so, and shows the spool and this host's counts.
+    """
     state = state_for(current_app)
-    conn = state.connection
+    shown_url = safe_url(state.redis_url)
+
+    def refused(exc: redis.RedisError) -> click.ClickException:
+        # A wrong password or database needs fixing, not waiting for: a failure, not a report.
+        return click.ClickException(
+            f"Redis at {shown_url} refused: {type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
+        )
+
+    try:
+        seen = snapshot(state)
+    except redis.RedisError as exc:
+        raise refused(exc) from None
+    queues = workers = quarantined = None
+    if seen.redis_error is None:
+        try:
+            queues, workers, quarantined = _queues_and_workers()
+        except redis.RedisError as exc:
+            if not unreachable(exc):
+                raise refused(exc) from None
+            seen.redis_error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"  # gone meanwhile
+    spool = state.dispatcher.spool
+    data: dict[str, Any] = {
+        "redis": shown_url,
+        "redis_error": seen.redis_error,
+        "counters": seen.shared,
+        "queues": queues,
+        "workers": workers,
+        "quarantined": quarantined,
+        "spool": {
+            "path": spool.path,
+            "batches": seen.spool_batches,
+            "events": seen.spool_events,
+            "error": seen.spool_error,
+            "host_counts": {**seen.host, "not_in_redis_yet": seen.not_in_redis, "file": spool.ledger.path},
+        },
+        "receivers": [
+            {"signal": r.signal_name, "receiver": r.name, "queue": r.queue or state.queue_name}
+            for r in sorted(receivers, key=lambda r: (r.signal_name, r.name))
+        ],
+    }
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if seen.redis_error is None:
+        click.echo(f"redis {shown_url}")
+    else:
+        click.echo(f"redis {shown_url}: UNREACHABLE ({seen.redis_error}); queues, workers and the shared counts "
+                   "are unknown until it answers")
+    if seen.shared is not None:
+        click.echo("events: " + ", ".join(f"{count} {name}" for name, count in seen.shared.items()))
+    for q in queues or ():
+        click.echo(
+            f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
+            f"{state.dispatcher.batch_size} events), {q['taken']} taken and not started yet, {q['started']} running, "
+            f"{q['scheduled']} scheduled retries, {q['failed']} failed, {q['finished']} finished"
+        )
+    if quarantined:
+        click.echo(f"quarantined: {quarantined} queue entries that are not jobs (flask signal-queue failed)")
+    if workers is not None:
+        click.echo(f"workers: {len(workers)}" + "".join(f"\n  {w['name']} {w['state']} {','.join(w['queues'])}"
+                                                      for w in workers))
+    if seen.spool_error is not None:
+        click.echo(f"spool UNREADABLE ({seen.spool_error}): {spool.path}")
+    else:
+        waiting = seen.spool_batches and f"{seen.spool_events} event(s) in {seen.spool_batches} batch(es)"
+        click.echo(f"spool {waiting or 'empty'}: {spool.path}")
+    host, pending = seen.host, seen.not_in_redis
+    click.echo(
+        f"this host, every process (count file {spool.ledger.path}): {host['spooled']} spooled, {host['lost']} "
+        f"lost, {host['dropped']} dropped; not in Redis's counts yet: {pending['spooled']} spooled, "
+        f"{pending['lost']} lost, {pending['dropped']} dropped"
+    )
+    click.echo(f"receivers: {len(data['receivers'])}")
+    for r in data["receivers"]:
+        click.echo(f"  {r['signal']:28} {r['receiver']:48} queue={r['queue']}")
+
+
+def _queues_and_workers() -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+    """What Redis says of the app's queues, the workers on them and the quarantined entries
+    (raises if Redis is down)."""
+    state = state_for(current_app)
     queues: list[dict[str, Any]] = []
     for name in state.queue_names():
         rq_queue = state.dispatcher.queue(name)  # counts only: RQ's plain Job class will do
@@ -186,41 +270,11 @@ def info_command(as_json: bool) -> None:
     names = {q["name"] for q in queues}
     workers = [
         {"name": w.name, "state": w.get_state(), "queues": w.queue_names()}
-        for w in Worker.all(connection=conn)
+        for w in Worker.all(connection=state.connection)
         if names & set(w.queue_names())
     ]
-
-    batches, events = state.dispatcher.spool.depth()
-    data: dict[str, Any] = {
-        "redis": safe_url(state.redis_url),
-        "counters": totals(conn),
-        "queues": queues,
-        "workers": workers,
-        "spool": {"path": state.dispatcher.spool.path, "batches": batches, "events": events},
-        "quarantined": len(quarantined_entries(conn, names)),
-        "receivers": [
-            {"signal": r.signal_name, "receiver": r.name, "queue": r.queue or state.queue_name}
-            for r in sorted(receivers, key=lambda r: (r.signal_name, r.name))
-        ],
-    }
-    if as_json:
-        click.echo(json.dumps(data, indent=2))
-        return
-    click.echo(f"redis {data['redis']}")
-    for q in queues:
-        click.echo(
-            f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
-            f"{state.dispatcher.batch_size} events), {q['taken']} taken and not started yet, {q['started']} running, "
-            f"{q['scheduled']} scheduled retries, {q['failed']} failed, {q['finished']} finished"
-        )
-    click.echo(f"workers: {len(workers)}" + "".join(f"\n  {w['name']} {w['state']} {','.join(w['queues'])}"
-                                                  for w in workers))
-    click.echo(f"spool {(batches and f'{events} event(s) in {batches} batch(es)') or 'empty'}: {data['spool']['path']}")
-    if data["quarantined"]:
-        click.echo(f"quarantined: {data['quarantined']} queue entries that are not jobs (flask signal-queue failed)")
-    click.echo(f"receivers: {len(data['receivers'])}")
-    for r in data["receivers"]:
-        click.echo(f"  {r['signal']:28} {r['receiver']:48} queue={r['queue']}")
+    quarantined = len(quarantined_entries(state.connection, names))
+    return queues, workers, quarantined
 
 
 @signal_queue_cli.command("failed")

@@ -133,7 +133,9 @@ def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: re
     assert (queue["name"], queue["failed"], queue["jobs_waiting"]) == ("signals", 1, 0)
     assert {"signal": "fixable", "receiver": "tests.misc_app:on_fixable", "queue": "signals"} in info["receivers"]
     assert info["spool"]["events"] == 0
-    assert info["counters"] == {"enqueued": 2, "replayed": 0, "handled": 1, "failed": 1}
+    assert info["counters"] == {
+        "enqueued": 2, "replayed": 0, "handled": 1, "failed": 1, "spooled": 0, "lost": 0, "dropped": 0
+    }
     nothing = flask_cli(redis_url, spool, "requeue", "--receiver", "tests.misc_app:on_misc")
     assert "requeued 0 job(s)" in nothing.stdout
     conn.set("sq:test:fixed", 1)  # the deploy

@@ -5,7 +5,11 @@
 in a worker, so it is paid once per batch, not once per event) and writes all
 of them with ``Queue.enqueue_many`` in one pipeline: one round trip. Redis
 errors become a logged :class:`~signal_queue.exceptions.DeliveryError`,
-never an exception in the request. The outage spool hooks in here.
+never an exception in the request. The outage spool hooks in here, and so
+does the reporting of an outage: its log lines (one per cause per
+:data:`LOSS_LOG_INTERVAL`), the one line that sums it up when it is over, and
+the host's counts of spooled and lost events (see :mod:`.ledger`), which are
+added into Redis's ``sq:stats`` when it answers again.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections import Counter, defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -27,15 +33,91 @@ from rq.serializers import JSONSerializer
 from ..exceptions import DeliveryError
 from ..wire.codec import Codec
 from ..wire.event import new_id
-from ..wire.keys import BATCH_RETRIES, RUN_EVENTS, SENT_KEY, SENT_TTL, STATS_KEY, batch_timeout
+from ..wire.keys import (
+    BATCH_RETRIES,
+    RUN_EVENTS,
+    SENT_KEY,
+    SENT_TTL,
+    STATS_FROM_KEY,
+    STATS_FROM_TTL,
+    STATS_KEY,
+    batch_timeout,
+)
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
 from .capture import PendingEvent
-from .spool import Spool, SpooledBatch
+from .ledger import TOTALS as LEDGER_TOTALS
+from .spool import Spool, SpooledBatch, is_write_failure, sqlite_cause
 
 logger = logging.getLogger("signal_queue")
 
-#: Least seconds between two log lines about lost events of one kind.
+#: Least seconds between two log lines of one cause (events spooled, lost to a full disk, ...).
 LOSS_LOG_INTERVAL = 10.0
+#: Seconds a replay waits after the spool could not be read, or could be read but not written.
+SPOOL_RETRY = 1.0
+
+# Adds a host's count file's totals into sq:stats, once: KEYS[2] remembers, per count
+# file, the totals already added, so the same totals sent twice (two processes, or a
+# process that died before noting it had sent them) add nothing the second time.
+_PUBLISH_COUNTS = """
+for i = 1, #ARGV - 1, 2 do
+    local before = tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0')
+    local now = tonumber(ARGV[i + 1])
+    if now > before then
+        redis.call('HINCRBY', KEYS[1], ARGV[i], now - before)
+        redis.call('HSET', KEYS[2], ARGV[i], now)
+    end
+end
+redis.call('EXPIRE', KEYS[2], ARGV[#ARGV])
+return 1
+"""
+
+
+class LogLimiter:
+    """At most one line per cause per interval; what recurs meanwhile is counted into the cause's next line."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()  # request threads (drops) and the sender both report
+
+    def due(self, cause: str, count: int = 1) -> int:
+        """Add ``count``; return the count to write now (with what was held back), or 0 to stay quiet."""
+        now = time.monotonic()
+        with self._lock:
+            self._held[cause] += count
+            if now - self._last.get(cause, -self.interval) < self.interval:
+                return 0
+            self._last[cause] = now
+            return self._held.pop(cause)
+
+
+@dataclass
+class Outage:
+    """What one process saw of one Redis outage, for the line that sums it up."""
+
+    cause: str | None  # the first error; None: this process saw none, it replayed what others spooled
+    began: float = 0.0  # time.monotonic()
+    back: float | None = None  # when Redis took a write again
+    spooled: int = 0
+    lost: int = 0
+    dropped: int = 0
+    replayed: int = 0
+    skipped: int = 0
+
+    def summary(self, now: float) -> str:
+        """What happened, in one line's words: how long, the first error, what this process did."""
+        length = (self.back if self.back is not None else now) - self.began
+        if self.cause is None:
+            seen = "this process saw no outage itself"
+        elif self.back is None:
+            seen = f"Redis has been unavailable for {length:.1f} s (first error: {self.cause})"
+        else:
+            seen = f"Redis was unavailable for {length:.1f} s (first error: {self.cause})"
+        return (
+            f"{seen}; this process spooled {self.spooled} event(s), replayed {self.replayed} (and skipped "
+            f"{self.skipped} already in Redis), lost {self.lost}, dropped {self.dropped}"
+        )
 
 
 class CircuitBreaker:
@@ -94,18 +176,58 @@ class Dispatcher:
         self.max_events_per_send = max_events_per_send
         self.breaker = CircuitBreaker()
         self.counters: Counter[str] = Counter()
-        #: True when this process spooled batches that may still wait for a replay.
-        self.spool_dirty = spool.depth()[0] > 0 if os.path.exists(spool.path) else False
-        self._unreported: Counter[str] = Counter()
-        self._last_loss_log: dict[str, float] = {}
+        self._log = LogLimiter(LOSS_LOG_INTERVAL)
         self._queues: dict[str, Queue] = {}
         self._lock = threading.Lock()
         self._watch_reconnects(connection)
+        self._flag_lock = threading.Lock()
+        self._spool_writes = 0  # spool writes so far: a replay clears spool_dirty only if none came meanwhile
+        self._spool_retry_at = 0.0
+        #: Job ids this process replayed whose rows it could not delete (a full disk).
+        self._sent_not_deleted: dict[str, int] = {}  # job id: events
+        self._outage: Outage | None = None
+        self._publish = connection.register_script(_PUBLISH_COUNTS)
+        spool.on_lost = self._lost_with_spool
+        #: True when the spool may hold batches waiting for a replay.
+        self.spool_dirty = False
+        if os.path.exists(spool.path):
+            try:
+                self.spool_dirty = spool.depth()[0] > 0
+            except (sqlite3.Error, OSError) as exc:
+                self.spool_dirty = True  # the sender tries again later, and says what is wrong
+                self._spool_trouble("open", exc)
+            finally:
+                # A preloading master (gunicorn --preload) must not hand an open connection to its children.
+                spool.close()
+        #: True when the count file has counts that Redis's sq:stats does not have yet.
+        self.counts_unpublished = spool.ledger.exists and any(spool.ledger.unpublished().values())
+        _dispatchers.add(self)
 
     def close(self) -> None:
-        """Close the spool's file and this process's Redis connections (they reopen if used again)."""
+        """Close the spool's file and this process's Redis connections (they reopen if used again).
+
+        Closed during an outage, the process says what it saw of it: the lines
+        held back by the rate limit are in that sum.
+        """
+        outage = self._outage
+        if outage is not None and (outage.spooled or outage.lost or outage.dropped):
+            logger.log(
+                logging.ERROR if outage.lost or outage.dropped else logging.WARNING,
+                "signal_queue: closing (pid %d) during an outage: %s; %s",
+                os.getpid(), outage.summary(time.monotonic()), self._spool_state(),
+            )
+            self._outage = None
         self.spool.close()
         self.connection.close()
+
+    def after_fork(self) -> None:
+        """In a forked child: fresh locks, and counts of its own (the parent's are the parent's)."""
+        self._lock = threading.Lock()
+        self._flag_lock = threading.Lock()
+        self.counters = Counter()
+        self._log = LogLimiter(LOSS_LOG_INTERVAL)
+        self._outage = None
+        self._sent_not_deleted = {}
 
     @property
     def healthy(self) -> bool:
@@ -136,11 +258,14 @@ class Dispatcher:
             except DeliveryError as exc:
                 self.breaker.failed()
                 error = str(exc)
+                self._outage_begins(error)
             else:
                 self.breaker.succeeded()
                 if self._reconnected:
                     self.check_redis_data()
                 self.counters["enqueued"] += len(events)
+                if self._outage is not None:
+                    self._redis_back()
                 return True
         self.spool_batches(batches, events, error)
         return False
@@ -264,6 +389,7 @@ class Dispatcher:
 
     def spool_batches(self, batches: Sequence[SpooledBatch], events: Sequence[PendingEvent], error: str) -> None:
         """Keep batches on disk; if even that fails, count and log the loss loudly."""
+        self._outage_begins(error)
         try:
             self.spool.put(batches)
         except (sqlite3.Error, OSError) as exc:
@@ -271,75 +397,289 @@ class Dispatcher:
                 "lost", events,
                 f"were LOST: Redis failed ({error}) and the spool {self.spool.path} could not be written "
                 f"({type(exc).__name__}: {exc})",
+                cause=sqlite_cause(exc),
             )
             return
-        self.spool_dirty = True
+        with self._flag_lock:
+            self._spool_writes += 1
+            self.spool_dirty = True
         self.counters["spooled"] += len(events)
-        self.report_loss("spooled_logged", events, f"were spooled to {self.spool.path}: {error}", level=logging.WARNING)
+        if self._outage is not None:
+            self._outage.spooled += len(events)
+        self.report_loss(
+            "spooled", events, f"were spooled to {self.spool.path}: {error}", level=logging.WARNING, count=False
+        )
 
     def replay(self, limit: int = 50) -> int:
         """Send spooled batches while Redis takes them; return how many events went out.
 
         A batch whose sent-marker exists already reached Redis: it is dropped
-        from the spool, not sent again.
+        from the spool, not sent again. One process of the host replays at a
+        time; the others leave it to that one (it sends their batches too).
         """
+        if time.monotonic() < self._spool_retry_at:
+            return 0
+        with self.spool.ledger.replaying() as ours:
+            if not ours:
+                return 0
+            return self._replay(limit)
+
+    def _replay(self, limit: int) -> int:
         sent = 0
         while self.breaker.allow():
+            writes = self._spool_writes
             try:
                 claimed = self.spool.claim(limit)
             except (sqlite3.Error, OSError) as exc:
-                logger.error("signal_queue: cannot read the spool %s: %s", self.spool.path, exc)
+                if is_write_failure(exc):
+                    return sent + self._replay_unclaimed(limit, exc)
+                self._spool_trouble("read", exc)
                 return sent
             if not claimed:
-                self.spool_dirty = False
+                with self._flag_lock:
+                    if writes == self._spool_writes:  # nothing was spooled since the claim looked
+                        self.spool_dirty = False
+                self._replayed_all()
                 return sent
             try:
-                with self.connection.pipeline(transaction=False) as pipe:
-                    for b in claimed:
-                        pipe.exists(SENT_KEY.format(b.job_id))
-                    arrived = pipe.execute()
-                fresh = [b for b, there in zip(claimed, arrived, strict=True) if not there]
-                if fresh:
-                    self.send(fresh)
+                fresh = self._send_new(claimed)
             except (redis.RedisError, OSError, DeliveryError) as exc:
-                self.breaker.failed()
                 self.spool.release(claimed)
-                logger.warning("signal_queue: replay of the spool stopped, Redis failed again: %s", exc)
+                self._replay_failed(exc)
                 return sent
             except BaseException:
                 self.spool.release(claimed)  # not left claimed for CLAIM_TIMEOUT
                 raise
-            self.breaker.succeeded()
-            if self._reconnected:
-                self.check_redis_data()
-            self.spool.delete(claimed)
-            replayed = sum(b.events for b in fresh)
-            if replayed:
-                self.connection.hincrby(STATS_KEY, "replayed", replayed)
-            self.counters["replayed"] += replayed
-            self.counters["replay_skipped"] += sum(b.events for b in claimed) - replayed
-            sent += replayed
+            try:
+                self.spool.delete(claimed)
+            except (sqlite3.Error, OSError) as exc:
+                # Sent, and left claimed: the sent-markers keep them from going again.
+                self._sent_not_deleted.update((b.job_id, b.events) for b in claimed)
+                self._spool_trouble("delete", exc)
+                return sent + fresh
+            for b in claimed:
+                self._sent_not_deleted.pop(b.job_id, None)
+            sent += fresh
         return sent
 
-    def report_loss(
-        self, counter: str, events: Sequence[PendingEvent], what: str, level: int = logging.ERROR
-    ) -> None:
-        """Count events and log it: at once, then at most every LOSS_LOG_INTERVAL seconds.
+    def _replay_unclaimed(self, limit: int, error: BaseException) -> int:
+        """Replay a spool that can be read but not written (a full disk): send each row once, keep it.
 
-        An outage would otherwise write a line per flush; each line names a few
-        of the events so that one can be traced.
+        Rows cannot be claimed, so only the host's one replayer sends (the caller
+        holds its lock) and the sent-markers skip what went already. Rows are
+        deleted when the disk takes writes again; until then a pass runs at most
+        every SPOOL_RETRY seconds.
         """
-        if not counter.endswith("_logged"):
+        self._warn("replay-unclaimed:" + sqlite_cause(error), (
+            f"the spool {self.spool.path} cannot be written ({type(error).__name__}: {error}); its batches are "
+            "replayed without claiming them, and stay on disk until it can be written"
+        ))
+        self._spool_retry_at = time.monotonic() + SPOOL_RETRY
+        sent, after = 0, 0
+        while self.breaker.allow():
+            try:
+                rows = self.spool.read(after, limit)
+            except (sqlite3.Error, OSError) as exc:
+                self._spool_trouble("read", exc)
+                return sent
+            if not rows:
+                self._replayed_all()
+                return sent
+            after = rows[-1].row or after
+            todo = [b for b in rows if b.job_id not in self._sent_not_deleted]
+            if todo:
+                try:
+                    sent += self._send_new(todo)
+                except (redis.RedisError, OSError, DeliveryError) as exc:
+                    self._replay_failed(exc)
+                    return sent
+                self._sent_not_deleted.update((b.job_id, b.events) for b in todo)
+            try:
+                self.spool.delete(rows)
+            except (sqlite3.Error, OSError):
+                continue  # still full: the rows wait, and are not sent again
+            for b in rows:
+                self._sent_not_deleted.pop(b.job_id, None)
+        return sent
+
+    def _send_new(self, batches: Sequence[SpooledBatch]) -> int:
+        """Send the batches whose sent-marker is missing; count them; return how many events went."""
+        with self.connection.pipeline(transaction=False) as pipe:
+            for b in batches:
+                pipe.exists(SENT_KEY.format(b.job_id))
+            arrived = pipe.execute()
+        fresh = [b for b, there in zip(batches, arrived, strict=True) if not there]
+        if fresh:
+            self.send(fresh)
+        self.breaker.succeeded()
+        if self._reconnected:
+            self.check_redis_data()
+        replayed = sum(b.events for b in fresh)
+        skipped = sum(b.events for b in batches) - replayed
+        if replayed:
+            self.connection.hincrby(STATS_KEY, "replayed", replayed)
+        self.counters["replayed"] += replayed
+        self.counters["replay_skipped"] += skipped
+        outage = self._outage
+        if outage is None:
+            outage = self._outage = Outage(None, began=time.monotonic())
+        outage.replayed += replayed
+        outage.skipped += skipped
+        self._redis_back()
+        return replayed
+
+    def _replay_failed(self, exc: BaseException) -> None:
+        self.breaker.failed()
+        self._outage_begins(f"{type(exc).__name__}: {exc}")
+        self._warn("replay-redis", f"replay of the spool stopped, Redis failed again: {exc}")
+
+    def _spool_trouble(self, what: str, exc: BaseException) -> None:
+        """The spool could not be used: one line per cause per interval, and a pause before the next try."""
+        self._spool_retry_at = time.monotonic() + SPOOL_RETRY
+        cause = sqlite_cause(exc)
+        count = self._log.due(f"spool-{what}:{cause}")
+        if count:
+            logger.error(
+                "signal_queue: cannot %s the spool %s (%s: %s)%s", what, self.spool.path, type(exc).__name__, exc,
+                f"; {count} time(s) since the last line" if count > 1 else "",
+            )
+
+    def _warn(self, cause: str, message: str) -> None:
+        count = self._log.due(cause)
+        if count:
+            since = f" ({count} time(s) since the last line)" if count > 1 else ""
+            logger.warning("signal_queue: %s%s", message, since)
+
+    # -- an outage, start to end -------------------------------------------------------------
+
+    def _outage_begins(self, cause: str) -> None:
+        """A failure: the start of an outage, or more of the one not yet summed up."""
+        outage = self._outage
+        if outage is None or outage.cause is None:
+            self._outage = Outage(cause, began=time.monotonic())
+            if outage is not None:  # it had only replayed: keep those counts
+                self._outage.replayed, self._outage.skipped = outage.replayed, outage.skipped
+        else:
+            outage.back = None  # failed again before the spool was empty: the same outage
+
+    def _redis_back(self) -> None:
+        outage = self._outage
+        if outage is not None and outage.back is None:
+            outage.back = time.monotonic()
+        if not self.spool_dirty:
+            self._outage_over()
+
+    def _replayed_all(self) -> None:
+        """Nothing in the spool is left to send (though rows may wait for deletion on a full disk).
+
+        A process whose batches another one replayed has not written to Redis
+        since its outage began: a PING tells it whether the outage is over.
+        """
+        outage = self._outage
+        if outage is None:
+            return
+        if outage.back is None:
+            try:
+                self.connection.ping()
+            except (redis.RedisError, OSError):
+                self.breaker.failed()
+                return
+            self.breaker.succeeded()
+            outage.back = time.monotonic()
+        self._outage_over()
+
+    def _outage_over(self) -> None:
+        """One line per process per outage, with every count the rate-limited lines held back."""
+        with self._flag_lock:
+            outage, self._outage = self._outage, None
+        if outage is None:
+            return
+        if outage.spooled or outage.lost or outage.dropped or outage.replayed or outage.skipped:
+            logger.log(
+                logging.ERROR if outage.lost or outage.dropped else logging.WARNING,
+                "signal_queue: outage over (pid %d): %s; %s",
+                os.getpid(), outage.summary(time.monotonic()), self._spool_state(),
+            )
+        self.publish_counts()
+
+    @property
+    def sent_not_deleted(self) -> int:
+        """Events this process replayed from rows it could not delete yet (a full disk): not waiting."""
+        return sum(list(self._sent_not_deleted.values()))  # a copy: the replaying thread may change it
+
+    def _spool_state(self) -> str:
+        try:
+            events = self.spool.depth()[1]
+        except (sqlite3.Error, OSError) as exc:
+            return f"the spool {self.spool.path} cannot be read ({type(exc).__name__}: {exc})"
+        sent = self.sent_not_deleted
+        if sent:
+            return (f"the spool {self.spool.path} holds {events} event(s), {sent} of them sent already (their rows "
+                    "go once it can be written)")
+        return f"the spool {self.spool.path} holds {events} event(s)"
+
+    def _lost_with_spool(self, events: int, why: str) -> None:
+        """The spool told us a corrupt file took ``events`` with it (the count file has them already)."""
+        self.counters["lost"] += events
+        if self._outage is not None:
+            self._outage.lost += events
+        self.counts_unpublished = True
+
+    # -- counts ---------------------------------------------------------------------------------
+
+    def publish_counts(self) -> None:
+        """Add the count file's totals (spooled, lost, dropped on this host) into Redis's sq:stats, once."""
+        ledger = self.spool.ledger
+        if not ledger.exists:
+            self.counts_unpublished = False
+            return
+        try:
+            totals = ledger.read()
+            argv: list[Any] = [x for name in LEDGER_TOTALS for x in (name, totals[name])]
+            self._publish(keys=[STATS_KEY, STATS_FROM_KEY.format(ledger.id)], args=[*argv, STATS_FROM_TTL])
+            ledger.mark_published(totals)
+        except (redis.RedisError, OSError) as exc:
+            self.breaker.failed()  # the sender tries again once Redis takes a batch
+            self._warn("publish", f"cannot add this host's spool counts into Redis yet: {exc}")
+            return
+        self.counts_unpublished = False
+
+    def report_loss(
+        self,
+        counter: str,
+        events: Sequence[PendingEvent],
+        what: str,
+        level: int = logging.ERROR,
+        *,
+        cause: str = "",
+        count: bool = True,
+    ) -> None:
+        """Count events and log it: at once, then at most every LOSS_LOG_INTERVAL seconds per cause.
+
+        An outage would otherwise write a line per flush; each line says how many
+        events it stands for and names a few of them, so that one can be traced.
+        ``lost`` and ``dropped`` go into the host's count file too.
+        """
+        if count:
             self.counters[counter] += len(events)
-        self._unreported[counter] += len(events)
-        now = time.monotonic()
-        if now - self._last_loss_log.get(counter, -LOSS_LOG_INTERVAL) < LOSS_LOG_INTERVAL:
+            if counter in ("lost", "dropped"):
+                self.spool.ledger.add(**{counter: len(events)})
+                self.counts_unpublished = True
+                if self._outage is not None:
+                    setattr(self._outage, counter, getattr(self._outage, counter) + len(events))
+        held = self._log.due(f"{counter}:{cause}", len(events))
+        if not held:
             return
         sample = ", ".join(f"{e.id} ({e.receiver.signal_name} -> {e.receiver.name})" for e in events[:3])
-        logger.log(
-            level,
-            "signal_queue: %d event(s) %s; e.g. %s",
-            self._unreported[counter], what, sample,
-        )
-        self._last_loss_log[counter] = now
-        self._unreported[counter] = 0
+        logger.log(level, "signal_queue: %d event(s) %s; e.g. %s", held, what, sample)
+
+
+_dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for dispatcher in list(_dispatchers):
+        dispatcher.after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

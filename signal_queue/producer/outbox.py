@@ -65,8 +65,10 @@ class Outbox:
         self._closed = False
         self._idle = False
         _outboxes.add(self)
-        if dispatcher.spool_dirty:
-            self._start()  # a previous process left spooled batches: replay them
+        # No sender thread yet, even if a previous process left spooled batches: a
+        # gunicorn --preload master makes the app and then forks, and its thread would
+        # not be in the children. The first event in a process starts the sender,
+        # which replays the spool.
 
     # -- request thread ---------------------------------------------------------
 
@@ -76,7 +78,7 @@ class Outbox:
         holds = self.mode == "after_response" or event.receiver.discard_if_failed
         if not holds:
             if self.mode != "background":
-                if not self.dispatcher.deliver([event]):
+                if not self.dispatcher.deliver([event]) or (self._thread is None and self.dispatcher.spool_dirty):
                     self._start()  # the sender replays the spool when Redis is back
             elif self._pid == os.getpid() and len(self._pending) < self._fast_limit and self._thread is not None:
                 self._pending.append(event)  # the hot path: one append
@@ -99,8 +101,8 @@ class Outbox:
     def _deliver(self, events: list[PendingEvent]) -> None:
         if self.mode == "background":
             self._enqueue_background(events)
-        elif not self.dispatcher.deliver(events):
-            self._start()
+        elif not self.dispatcher.deliver(events) or (self._thread is None and self.dispatcher.spool_dirty):
+            self._start()  # the sender replays the spool (left by an earlier process, or just written)
 
     def _enqueue_background(self, events: list[PendingEvent]) -> None:
         if self._closed:
@@ -166,7 +168,7 @@ class Outbox:
                 self._thread.start()
 
     def _after_fork(self) -> None:
-        # A forked child (gunicorn --preload) must not send its parent's events again.
+        """In a forked child (gunicorn --preload): no parent's events, threads or held locks."""
         self._pid = os.getpid()
         self._pending.clear()
         self._thread = None
@@ -189,6 +191,8 @@ class Outbox:
         if not self._pending:
             if dispatcher.spool_dirty and dispatcher.breaker.allow():
                 dispatcher.replay()  # Redis is back (or may be): send what was spooled
+            elif dispatcher.counts_unpublished and dispatcher.healthy:
+                dispatcher.publish_counts()  # this host's counts of spooled and lost events, into sq:stats
             # Idle is announced before the last look, so an event put after
             # that look always finds _idle set and wakes us.
             self._idle = True
@@ -248,6 +252,14 @@ class Outbox:
 
 
 _outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for outbox in list(_outboxes):
+        outbox._after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register

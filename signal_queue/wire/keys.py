@@ -20,6 +20,10 @@ ATTEMPT_FIELD = "sq_attempts"
 
 #: Counters shared by every process, in one hash (see :mod:`signal_queue.metrics`).
 STATS_KEY = "sq:stats"
+#: Per count file next to a spool (its random id): the totals of it already added into STATS_KEY.
+STATS_FROM_KEY = "sq:stats:from:{0}"
+#: Kept this long after the last time its host added counts (seconds).
+STATS_FROM_TTL = 400 * 24 * 3600
 
 #: Marks a batch job as enqueued, so a replay of the spool skips a batch whose reply was lost.
 SENT_KEY = "sq:sent:{0}"
