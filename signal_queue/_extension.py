@@ -46,6 +46,8 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.
         - ``SIGNAL_QUEUE_ABANDONED_AFTER``: seconds after which a dead worker's job is run again.
         - ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``: seconds between a worker's registry clean-ups.
+        - ``SIGNAL_QUEUE_SHUTDOWN_GRACE``: seconds a stopping worker lets its running event finish
+          (keep it under the orchestrator's stop timeout: compose 10 s, Kubernetes 30 s).
 
         The client address a receiver sees is ``request.remote_addr`` as the app
         sees it; behind proxies, use werkzeug's ``ProxyFix``.

@@ -24,9 +24,10 @@ from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
 from ..wire.redis_url import hide_secrets, safe_url
+from .handler_process import HandlerProcess
 from .job import SignalJob
-from .rq_compat import CompatQueue, CompatWorker, stop_requested
-from .run import Consumer, bind
+from .rq_compat import BackstopDeathPenalty, CompatQueue, CompatWorker, stop_requested
+from .run import Consumer, bind, bound, use_runner
 
 logger = logging.getLogger("signal_queue.worker")
 
@@ -40,13 +41,45 @@ class _SignalWorkerDefaults:
 
 
 class SignalWorker(_SignalWorkerDefaults, CompatWorker):
-    """Runs events in the worker process itself (no fork per job): fast, and the app stays loaded.
+    """Runs events in one long-lived handler process that it supervises (no fork per job).
 
-    A running job's entry in RQ's started registry expires after
-    ``SIGNAL_QUEUE_ABANDONED_AFTER`` seconds unless this worker renews it; then
-    another worker's maintenance (every ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``
-    seconds) finds it abandoned and RQ runs it again.
+    The worker talks to RQ and Redis; the handlers run in a child forked once
+    the app is loaded (:class:`~.handler_process.HandlerProcess`), which the
+    worker kills and replaces when an event crashes it or overruns its timeout,
+    blaming that event alone. A running job's entry in RQ's started registry
+    expires after ``SIGNAL_QUEUE_ABANDONED_AFTER`` seconds unless this worker
+    renews it (from its own thread, whatever the handler does); then another
+    worker's maintenance (every ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL`` seconds)
+    finds it abandoned and RQ runs it again. On SIGTERM the running event may
+    finish within ``SIGNAL_QUEUE_SHUTDOWN_GRACE`` seconds; the rest of its job
+    goes back to the front of the queue at once.
     """
+
+    # Each event's timeout is enforced by killing the handler process; RQ's alarm for the
+    # whole job only guards the worker's own bookkeeping.
+    death_penalty_class = BackstopDeathPenalty
+
+    def __init__(self, *args: Any, consumer: Consumer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        consumer = consumer or bound()
+        if consumer is None:
+            raise ConfigurationError("a SignalWorker needs the app's consumer: build it with build_worker()")
+        #: The process the handlers run in.
+        self.handlers = HandlerProcess(consumer)
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        # The handler process is forked first, from the loaded app, before RQ starts its threads.
+        self.handlers.start()
+        use_runner(self.handlers)
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            use_runner(None)
+            self.handlers.close()
+
+    def stop_soon(self) -> None:
+        # In the SIGTERM handler: the handler process starts no other event from now on.
+        self.handlers.request_stop()
 
 
 class ForkingSignalWorker(_SignalWorkerDefaults, Worker):
@@ -87,6 +120,7 @@ def build_worker(
     # the worker blocks on BLPOP and RQ sets a timeout that fits that.
     connection = redis.Redis.from_url(url or consumer.redis_url)
     bind(consumer)
+    options: dict[str, Any] = {"consumer": consumer} if issubclass(cls, SignalWorker) else {}
     worker = cls(
         list(queues) or consumer.queue_names(),
         connection=connection,
@@ -95,6 +129,7 @@ def build_worker(
         # RQ blocks on the queue for worker_ttl - 15 s; this keeps an idle worker's
         # maintenance (which finds abandoned jobs) on its interval.
         worker_ttl=consumer.maintenance_interval + 15,
+        **options,
     )
     if isinstance(worker, SignalWorker):
         worker.heartbeat_ttl = consumer.abandoned_after

@@ -107,7 +107,7 @@ class Outbox:
             self.dispatcher.deliver(events)
             return
         if self._pid != os.getpid():
-            self._after_fork()
+            self.after_fork()
         if len(self._pending) + len(events) > self.max_pending:
             self._drop(events)
             return
@@ -165,8 +165,13 @@ class Outbox:
                 self._thread = threading.Thread(target=self._run, name="signal_queue-sender", daemon=True)
                 self._thread.start()
 
-    def _after_fork(self) -> None:
-        # A forked child (gunicorn --preload) must not send its parent's events again.
+    def after_fork(self) -> None:
+        """In a forked child (gunicorn --preload, a worker's handler process): start empty, with fresh locks.
+
+        The child must not send its parent's events again, nor wait on a lock a parent's
+        thread held at the fork. Done by itself at the child's first emit; call it
+        right after the fork when the child may flush before it emits.
+        """
         self._pid = os.getpid()
         self._pending.clear()
         self._thread = None
