@@ -31,9 +31,11 @@ import contextlib
 import logging
 import math
 import mmap
-import multiprocessing
 import os
+import pickle
+import select
 import signal
+import struct
 import sys
 import time
 import traceback
@@ -48,6 +50,8 @@ from .lifeline import die_with_parent, orphaned
 from .run import (
     CRASHED,
     FAILED,
+    HANDLED,
+    REJECTED,
     TIMED_OUT,
     Consumer,
     Failure,
@@ -68,9 +72,6 @@ HARD_KILL_GRACE = 2.0
 #: Longest the worker waits on the pipe before it looks at the clock and the child again.
 _LOOK_EVERY = 0.5
 
-#: The child's answer when it saw the stop flag before starting an event.
-_STOPPED = -1
-
 # Exit status of a handler process whose own loop failed (EX_SOFTWARE).
 _EX_SOFTWARE = 70
 
@@ -88,24 +89,31 @@ class HandlerProcess:
         self.pid = 0
         #: Handler processes this worker forked: 1, plus one per crash or kill.
         self.forks = 0
-        self._conn: Connection | None = None
+        self._jobs: Connection | None = None  # to the child: each job's events, pickled once
+        self._answers: _Answers | None = None  # from the child: one small record per event
         # One byte shared with every child (an anonymous shared mapping survives fork):
         # set, it tells the child to finish the running event and start no other.
         self._stop = mmap.mmap(-1, 1)
         self._stop_at: float | None = None
+        self._timeouts: dict[tuple[Any, Any], int] = {}
 
     def start(self) -> None:
         """Fork the handler process, if none runs, from this already loaded worker."""
-        if self._conn is not None:
+        if self._jobs is not None:
             return
-        ours, theirs = multiprocessing.Pipe()
+        jobs_in, jobs_out = os.pipe()
+        answers_in, answers_out = os.pipe()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
-            ours.close()
-            _serve(theirs, self._stop, self.consumer, parent)
-        theirs.close()
-        self.pid, self._conn = pid, ours
+            os.close(jobs_out)
+            os.close(answers_in)
+            _serve(Connection(jobs_in, writable=False), answers_out, self._stop, self.consumer, parent)
+        os.close(jobs_in)
+        os.close(answers_out)
+        self.pid = pid
+        self._jobs = Connection(jobs_out, readable=False)
+        self._answers = _Answers(answers_in)
         self.forks += 1
 
     def request_stop(self) -> None:
@@ -119,16 +127,15 @@ class HandlerProcess:
 
     def close(self, timeout: float = 2.0) -> None:
         """End the handler process: ask it to exit, and kill it if it has not within ``timeout`` seconds."""
-        conn = self._conn
-        if conn is None:
+        if self._jobs is None or self._answers is None:
             return
         deadline = time.monotonic() + timeout
         try:
-            conn.send(None)
-            while conn.poll(max(deadline - time.monotonic(), 0.0)):
-                conn.recv()  # EOFError once it exited
+            self._jobs.send(None)
+            while time.monotonic() < deadline:
+                self._answers.take(deadline - time.monotonic())
         except (EOFError, OSError):
-            pass
+            pass  # it exited
         self._end()
         self._forget()
 
@@ -149,9 +156,9 @@ class HandlerProcess:
                 if self._stop[0]:
                     return Unfinished(pending, cut=False)
                 self.start()
-                assert self._conn is not None
+                assert self._jobs is not None
                 sent_at = time.monotonic()
-                self._conn.send((attempt, pending, requests))
+                self._jobs.send((attempt, pending, requests))
                 pending, left = self._follow(pending, sent_at, attempt, settle)
                 if left is not None:
                     return left if left.items else None
@@ -171,31 +178,30 @@ class HandlerProcess:
         Returns the events to send to a fresh child (after a crash or a kill), or
         the events to give back to the queue (the worker is stopping).
         """
-        conn = self._conn
-        assert conn is not None
+        answers = self._answers
+        assert answers is not None
         pid = self.pid
         position = 0
         while position < len(pending):
             index, payload = pending[position]
-            timeout = self.consumer.timeout_of(receiver_of(payload))
+            timeout = self._timeout_of(payload)
             overrun_at = started + timeout + HARD_KILL_GRACE
             limit = overrun_at
             if self._stop_at is not None:
                 limit = min(limit, self._stop_at + self.consumer.shutdown_grace)
-            if conn.poll(min(max(limit - time.monotonic(), 0.0), _LOOK_EVERY)):
-                try:
-                    message = conn.recv()
-                except (EOFError, OSError):  # it died: whatever it sent before came first
-                    status = self._end()
-                    settle(self._crashed(pid, index, payload, attempt, status, time.monotonic() - started))
-                    self._forget()
-                    return pending[position + 1 :], None
-                if message[0] == _STOPPED:
+            try:
+                answer = answers.take(min(max(limit - time.monotonic(), 0.0), _LOOK_EVERY))
+            except (EOFError, OSError):  # it died: whatever it sent before came first
+                status = self._end()
+                settle(self._crashed(pid, index, payload, attempt, status, time.monotonic() - started))
+                self._forget()
+                return pending[position + 1 :], None
+            if answer is not None:
+                if answer.kind == STOPPED:
                     return [], Unfinished(pending[position:], cut=False)
-                outcome = _outcome(message)
-                settle(outcome)
+                settle(answer)
                 position += 1
-                started = outcome.finished_at
+                started = answer.finished_at
                 continue
             status = self._exited()
             if status is None and time.monotonic() < limit:
@@ -225,21 +231,28 @@ class HandlerProcess:
             return pending[position:], None
         return [], None
 
+    def _timeout_of(self, payload: Any) -> int:
+        # Looked up once per receiver: this runs for every event the worker runs.
+        data = payload if isinstance(payload, dict) else {}
+        key = (data.get("receiver"), data.get("signal"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = self.consumer.timeout_of(receiver_of(payload))
+        return timeout
+
     def _drain(
         self, pending: list[tuple[int, Any]], position: int, started: float, settle: Callable[[Outcome], None]
     ) -> tuple[int, float, bool]:
         """Settle the answers a child that is gone left in the pipe; True if it had seen the stop flag."""
-        conn = self._conn
-        assert conn is not None
+        answers = self._answers
+        assert answers is not None
         try:
-            while position < len(pending) and conn.poll(0):
-                message = conn.recv()
-                if message[0] == _STOPPED:
+            while position < len(pending) and (answer := answers.take(0.0)) is not None:
+                if answer.kind == STOPPED:
                     return position, started, True
-                outcome = _outcome(message)
-                settle(outcome)
+                settle(answer)
                 position += 1
-                started = outcome.finished_at
+                started = answer.finished_at
         except (EOFError, OSError):
             pass
         return position, started, False
@@ -257,7 +270,9 @@ class HandlerProcess:
         )
         return Outcome(index, CRASHED, seconds, time.monotonic(), Failure.of(exc), exc)
 
-    def _timed_out(self, pid: int, index: int, payload: Any, attempt: int, timeout: int, seconds: float) -> Outcome:
+    def _timed_out(
+        self, pid: int, index: int, payload: Any, attempt: int, timeout: int, seconds: float
+    ) -> Outcome:
         logger.error(
             "signal_queue: event %s (attempt %d) ran %.1f s, past its timeout of %d s, and did not stop: "
             "its handler process %d was killed",
@@ -299,9 +314,84 @@ class HandlerProcess:
         return status
 
     def _forget(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._jobs is not None:
+            self._jobs.close()
+            self._jobs = None
+        if self._answers is not None:
+            self._answers.close()
+            self._answers = None
+
+
+#: An answer's kind on the wire (the child sends the first three), and the answer to a stop.
+_KINDS = (HANDLED, FAILED, REJECTED)
+_CODES = {kind: code for code, kind in enumerate(_KINDS)}
+STOPPED = "stopped"
+_STOPPED_CODE = 255
+#: An answer: kind, event index, seconds, time.monotonic() when done, length of the pickled failure after it.
+_RECORD = struct.Struct("<BIddI")
+
+
+class _Answers:
+    """The child's answers, read from its pipe in as few system calls as it allows.
+
+    When events are short, many answers wait in the pipe by the time the worker
+    reads: one read takes them all.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._buffer = bytearray()
+        self._at = 0
+        self._poll = select.poll()
+        self._poll.register(fd, select.POLLIN)
+        self._closed = False
+
+    def take(self, timeout: float) -> Outcome | None:
+        """The next answer, waiting up to ``timeout`` seconds (None if none is complete by then).
+
+        Raises EOFError once the child closed its end and every answer was taken.
+        """
+        answer = self._parse()
+        if answer is not None:
+            return answer
+        if self._closed:
+            raise EOFError
+        if not self._poll.poll(math.ceil(timeout * 1000)):
+            return None
+        data = os.read(self.fd, 1 << 16)
+        if not data:
+            self._closed = True
+        self._buffer += data
+        return self._parse() if data else self.take(0.0)
+
+    def _parse(self) -> Outcome | None:
+        buffer, at = self._buffer, self._at
+        if len(buffer) - at < _RECORD.size:
+            return None
+        code, index, seconds, finished_at, extra = _RECORD.unpack_from(buffer, at)
+        end = at + _RECORD.size + extra
+        if len(buffer) < end:
+            return None
+        failure = Failure(*pickle.loads(buffer[at + _RECORD.size : end])) if extra else None
+        if end == len(buffer):
+            buffer.clear()
+            end = 0
+        self._at = end
+        kind = STOPPED if code == _STOPPED_CODE else _KINDS[code]
+        return Outcome(index, kind, seconds, finished_at, failure)
+
+    def close(self) -> None:
+        self._poll.unregister(self.fd)
+        os.close(self.fd)
+
+
+def _answer(fd: int, outcome: Outcome) -> None:
+    """Send one answer to the worker (in the child): a fixed record, and the failure pickled after it."""
+    failure = outcome.failure
+    extra = b"" if failure is None else pickle.dumps((failure.module, failure.qualname, failure.message, failure.text))
+    data = _RECORD.pack(_CODES[outcome.kind], outcome.index, outcome.seconds, outcome.finished_at, len(extra)) + extra
+    while data:  # a pipe may take a long failure text in parts
+        data = data[os.write(fd, data) :]
 
 
 def _name(payload: Any) -> str:
@@ -324,21 +414,7 @@ def _describe(status: int | None) -> str:
     return f"ended (wait status {status})"
 
 
-def _message(outcome: Outcome) -> tuple[Any, ...]:
-    """An outcome as the child sends it: a small tuple, cheap to pickle."""
-    failure = outcome.failure
-    if failure is None:
-        return (outcome.index, outcome.kind, outcome.seconds, outcome.finished_at, None)
-    parts = (failure.module, failure.qualname, failure.message, failure.text)
-    return (outcome.index, outcome.kind, outcome.seconds, outcome.finished_at, parts)
-
-
-def _outcome(message: tuple[Any, ...]) -> Outcome:
-    index, kind, seconds, finished_at, parts = message
-    return Outcome(index, kind, seconds, finished_at, None if parts is None else Failure(*parts))
-
-
-def _serve(conn: Connection, stop: mmap.mmap, consumer: Consumer, parent: int) -> NoReturn:
+def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, parent: int) -> NoReturn:
     """The handler process: run the events of each job the worker sends, answer each one; never returns."""
     code = 0
     try:
@@ -353,7 +429,7 @@ def _serve(conn: Connection, stop: mmap.mmap, consumer: Consumer, parent: int) -
         consumer.after_fork()
         while True:
             try:
-                message = conn.recv()
+                message = jobs.recv()
             except (EOFError, OSError):
                 break
             if message is None:
@@ -361,7 +437,7 @@ def _serve(conn: Connection, stop: mmap.mmap, consumer: Consumer, parent: int) -
             attempt, items, requests = message
             for index, payload in items:
                 if stop[0]:
-                    conn.send((_STOPPED,))
+                    os.write(answers, _RECORD.pack(_STOPPED_CODE, index, 0.0, time.monotonic(), 0))
                     break
                 try:
                     outcome = run_here(consumer, index, payload, requests, attempt)
@@ -369,7 +445,7 @@ def _serve(conn: Connection, stop: mmap.mmap, consumer: Consumer, parent: int) -
                     outcome = Outcome(index, FAILED, math.nan, time.monotonic(), Failure.of(exc))
                 # What the handler sent reaches Redis before its event counts as done.
                 consumer.send_emitted()
-                conn.send(_message(outcome))
+                _answer(answers, outcome)
             _flush_stdio()
     except BaseException:
         code = _EX_SOFTWARE

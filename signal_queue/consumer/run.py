@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import functools
 import inspect
 import logging
 import signal
@@ -412,7 +413,7 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {exc!r}") from exc
         try:
-            inspect.signature(receiver.func).bind(sender, **kwargs)
+            _signature(receiver.func).bind(sender, **kwargs)
         except TypeError as exc:
             raise ReceiverSignatureMismatch(
                 f"receiver {receiver.name!r} no longer accepts this event's arguments "
@@ -423,6 +424,12 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
             result = receiver.func(sender, **kwargs)
             if inspect.iscoroutine(result):
                 _run_coroutine(result)
+
+
+@functools.lru_cache(maxsize=1024)
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    """A receiver's signature, worked out once: inspect.signature costs more than a trivial handler."""
+    return inspect.signature(func)
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
