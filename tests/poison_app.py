@@ -100,9 +100,9 @@ def on_hold(sender: Any, seconds: int) -> None:
 
 
 @deferred(slow, timeout=60)
-def on_slow(sender: Any, n: int, seconds: float, first_only: bool = False) -> None:
-    """Sleeps ``seconds`` (on the first attempt only, with ``first_only``)."""
+def on_slow(sender: Any, n: int, seconds: float, last_slow_attempt: int = 1_000) -> None:
+    """Sleeps ``seconds`` on attempts up to ``last_slow_attempt``, returns at once on later ones."""
     log("start", n)
-    if not first_only or current_event.attempt == 1:
+    if current_event.attempt <= last_slow_attempt:
         time.sleep(seconds)
     log("ran", n)

@@ -380,7 +380,7 @@ def test_sigterm_stops_an_event_that_outlives_the_grace_period_and_it_runs_again
     with app.app_context():
         from tests.poison_app import slow
 
-        slow.send("test", n=0, seconds=30, first_only=True)
+        slow.send("test", n=0, seconds=30, last_slow_attempt=1)
     drain(app)
     first = start_worker(env, workers)
     wait_until("the event to start", lambda: entries(log, "start"), 30)
@@ -403,3 +403,73 @@ def test_sigterm_stops_an_event_that_outlives_the_grace_period_and_it_runs_again
     assert done_in is not None and done_in < 10
     assert [r[2] for r in entries(log, "start")] == ["1", "2"] and [r[2] for r in entries(log, "ran")] == ["2"]
     assert "after the 2 s grace period and was stopped" in worker_log(log)
+
+
+def test_a_single_event_job_stopped_by_sigterm_goes_back_with_its_attempt(
+    tmp_path: Path, server: RedisProcess, client: redis.Redis, app: Flask, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """A retry (a job of one event, run_event) still running past the grace period of a SIGTERM: the worker
+    exits 0 within the grace period and the event goes back at once; the next worker runs it as attempt 3."""
+    from rq.serializers import JSONSerializer
+
+    from signal_queue.consumer.job import SignalJob
+    from signal_queue.wire.keys import ATTEMPT_FIELD, RUN_EVENT
+    from tests.poison_app import slow
+
+    grace = 1.0
+    log = tmp_path / "handled.log"
+    env = fault_env(server.url, log, tmp_path / "spool.sqlite3", SIGNAL_QUEUE_SHUTDOWN_GRACE=str(grace))
+    with app.app_context():
+        slow.send("test", n=0, seconds=30, last_slow_attempt=2)
+    [pending] = app.extensions["signal_queue"].outbox._pending
+    payload = pending.to_dict(app.extensions["signal_queue"].codec, {})
+    app.extensions["signal_queue"].outbox._pending.clear()
+    # As record_failed_event leaves a failed event with a retry left: its own job, id = event id, 1 start so far.
+    queue = Queue("signals", connection=client, serializer=JSONSerializer, job_class=SignalJob)
+    job = queue.create_job(RUN_EVENT, args=(payload,), job_id=payload["id"], timeout=60, result_ttl=500,
+                           failure_ttl=365 * 24 * 3600, description="poison-slow -> tests.poison_app:on_slow")
+    queue.enqueue_job(job)
+    client.hset(job.key, ATTEMPT_FIELD, 1)
+    first = start_worker(env, workers)
+    wait_until("the retry to start", lambda: entries(log, "start"), 30)
+    signalled = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    code = first.wait(timeout=10)
+    exited_in = time.monotonic() - signalled
+    start_worker(env, workers)
+    done_in = within(30, lambda: bool(entries(log, "ran")) and settled(client))
+    print(f"\nSIGTERM during a retry: exit code {code} after {exited_in:.2f}s (grace {grace}s), "
+          f"run again and done {done_in if done_in is None else round(done_in, 1)}s later")
+    assert code == 0 and exited_in <= grace + 1.5
+    assert [r[2] for r in entries(log, "start")] == ["2", "3"] and [r[2] for r in entries(log, "ran")] == ["3"]
+    assert done_in is not None and client.zcard("rq:failed:signals") == 0
+
+
+def test_a_handler_process_killed_between_jobs_is_replaced_without_blaming_an_event(
+    tmp_path: Path, server: RedisProcess, client: redis.Redis, app: Flask, workers: list[subprocess.Popen[bytes]]
+) -> None:
+    """The OOM killer (here SIGKILL) takes the idle handler process: the next job runs in a new one, nothing
+    fails and the worker lives."""
+    from tests.poison_app import step
+
+    log = tmp_path / "handled.log"
+    env = fault_env(server.url, log, tmp_path / "spool.sqlite3")
+    worker = start_worker(env, workers)
+    with app.app_context():
+        step.send("test", n=1)
+    drain(app)
+    wait_until("the first event", lambda: len(entries(log, "ran")) == 1, 30)
+    [first_handler] = {int(r[3]) for r in entries(log, "ran")}
+    assert first_handler in children(worker.pid)
+    os.kill(first_handler, signal.SIGKILL)
+    wait_until("the handler process to be gone", lambda: not alive(first_handler), 10)
+    with app.app_context():
+        step.send("test", n=2)
+    drain(app)
+    ran_in = within(30, lambda: len(entries(log, "ran")) == 2 and settled(client))
+    handlers = [int(r[3]) for r in entries(log, "ran")]
+    print(f"\nhandler process killed while idle: next event ran {ran_in if ran_in is None else round(ran_in, 2)}s "
+          f"later in process {handlers[-1]} (was {first_handler})")
+    assert ran_in is not None and handlers[1] != first_handler and handlers[1] in children(worker.pid)
+    assert client.zcard("rq:failed:signals") == 0 and worker.poll() is None
+    assert int(client.hget("sq:stats", "handled") or 0) == 2 and not client.hget("sq:stats", "failed")

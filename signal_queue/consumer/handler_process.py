@@ -155,10 +155,7 @@ class HandlerProcess:
             while pending:
                 if self._stop[0]:
                     return Unfinished(pending, cut=False)
-                self.start()
-                assert self._jobs is not None
-                sent_at = time.monotonic()
-                self._jobs.send((attempt, pending, requests))
+                sent_at = self._send((attempt, pending, requests))
                 pending, left = self._follow(pending, sent_at, attempt, settle)
                 if left is not None:
                     return left if left.items else None
@@ -169,6 +166,24 @@ class HandlerProcess:
             self._forget()
             raise
         return None
+
+    def _send(self, job: tuple[int, list[tuple[int, Any]], Any]) -> float:
+        """Hand a job's events to the handler process, a fresh one if it died while idle; when it was sent."""
+        if self._exited() is not None:  # the OOM killer, a kill -9 between jobs: no event to blame
+            self._forget()
+        for tries_left in (1, 0):
+            self.start()
+            assert self._jobs is not None
+            try:
+                self._jobs.send(job)
+            except OSError:  # it died just now
+                self._end()
+                self._forget()
+                if not tries_left:
+                    raise
+            else:
+                break
+        return time.monotonic()
 
     def _follow(
         self, pending: list[tuple[int, Any]], started: float, attempt: int, settle: Callable[[Outcome], None]
