@@ -152,11 +152,13 @@ class CompatQueue(Queue):
 
 
 # Front of the queue is the left end: RQ pushes at_front jobs with LPUSH and takes from the left.
-# KEYS: intermediate list, queue, first-seen key, started registry; ARGV: job id, its stale executions.
-# Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
-# IntermediateQueue.get_first_seen_key, StartedJobRegistry entries "job_id:execution_id").
+# KEYS: intermediate list, queue, first-seen key, started registry, job hash; ARGV: job id, its stale
+# executions. Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
+# IntermediateQueue.get_first_seen_key, StartedJobRegistry entries "job_id:execution_id"). A job whose
+# status is no longer "queued" was started (a worker with several queues leaves a started job in the
+# intermediate list): the started registry recovers it, so it is left alone.
 _RETURN_UNTAKEN = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+if redis.call('HGET', KEYS[5], 'status') == 'queued' and redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('DEL', KEYS[3])
   for i = 2, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
   redis.call('LPUSH', KEYS[2], ARGV[1])
@@ -381,6 +383,7 @@ class CompatWorker(SimpleWorker):
             queue.key,
             queue.intermediate_queue.get_first_seen_key(job_id),
             queue.started_job_registry.key,
+            queue.job_class.key_for(job_id),
         ]
         # RQ registers the execution before it starts the job: an entry left by this worker
         # would later look abandoned while another worker runs the job, and run it twice.

@@ -8,6 +8,7 @@ on the bridge's queues, so ``rq info`` and rq-dashboard see an ordinary RQ worke
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -165,6 +166,13 @@ def run_worker(
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             logger.warning("signal_queue: worker lost Redis (%s)", hide_secrets(str(exc), redis_url))
         else:
+            if stop_requested(worker) and isinstance(worker, SignalWorker):
+                # SIGTERM between taking a job and starting it: RQ leaves it in its intermediate
+                # list for a minute; it goes back on its queue now, for the next worker.
+                with contextlib.suppress(redis.RedisError):
+                    if returned := worker.return_untaken_job():
+                        logger.warning("signal_queue: job %s, taken but not started when the worker was "
+                                       "stopped, is queued again", returned)
             if burst or max_jobs is not None or stop_requested(worker):
                 return worked
         if stop_requested(worker):
