@@ -388,8 +388,8 @@ class _Answers:
         if len(buffer) < end:
             return None
         failure = Failure(*pickle.loads(buffer[at + _RECORD.size : end])) if extra else None
-        if end == len(buffer):
-            buffer.clear()
+        if end == len(buffer) or end > 1 << 16:  # taken: keep the buffer small
+            del buffer[:end]
             end = 0
         self._at = end
         kind = STOPPED if code == _STOPPED_CODE else _KINDS[code]
@@ -454,10 +454,12 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
                 if stop[0]:
                     os.write(answers, _RECORD.pack(_STOPPED_CODE, index, 0.0, time.monotonic(), 0))
                     break
+                started = time.perf_counter()
                 try:
                     outcome = run_here(consumer, index, payload, requests, attempt)
                 except BaseException as exc:  # a handler's SystemExit fails its event, not this process
-                    outcome = Outcome(index, FAILED, math.nan, time.monotonic(), Failure.of(exc))
+                    seconds = time.perf_counter() - started
+                    outcome = Outcome(index, FAILED, seconds, time.monotonic(), Failure.of(exc))
                 # What the handler sent reaches Redis before its event counts as done.
                 consumer.send_emitted()
                 _answer(answers, outcome)
