@@ -89,6 +89,8 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_UNSENDABLE``: a kwarg that cannot be carried raises at emit (``raise``), or the
           event is recorded as failed and the request goes on (``record``); ``auto`` (default) raises in
           debug, testing, eager and capture mode and records otherwise.
+        - ``SIGNAL_QUEUE_SHUTDOWN_GRACE``: seconds a stopping worker lets its running event finish
+          (keep it under the orchestrator's stop timeout: compose 10 s, Kubernetes 30 s).
 
         The client address a receiver sees is ``request.remote_addr`` as the app
         sees it; behind proxies, use werkzeug's ``ProxyFix``.

@@ -64,6 +64,7 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_ABANDONED_AFTER": 30,
     "SIGNAL_QUEUE_MAINTENANCE_INTERVAL": 15,
     "SIGNAL_QUEUE_UNSENDABLE": "auto",
+    "SIGNAL_QUEUE_SHUTDOWN_GRACE": 7.0,
 }
 
 #: What ``SIGNAL_QUEUE_UNSENDABLE`` may say about a kwarg that cannot be carried to a worker.
@@ -148,10 +149,12 @@ class SignalQueueState(Producer):
             result_ttl=result_ttl,
             failure_ttl=failure_ttl,
             send_emitted=outbox.flush,
+            after_fork=outbox.after_fork,
             imports=tuple(_names(config, "SIGNAL_QUEUE_IMPORTS")),
             redis_url=self.redis_url,
             abandoned_after=_int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2),
             maintenance_interval=_int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1),
+            shutdown_grace=_seconds(config, "SIGNAL_QUEUE_SHUTDOWN_GRACE"),
         )
         #: An active signal_queue.testing capture, which takes events instead of the outbox.
         self.capture: EventSink | None = None
@@ -246,6 +249,13 @@ def _int(config: Any, key: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigurationError(f"{key} must be a whole number >= {minimum}, got {value!r}")
     return value
+
+
+def _seconds(config: Any, key: str) -> float:
+    value = config[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ConfigurationError(f"{key} must be a number of seconds >= 0, got {value!r}")
+    return float(value)
 
 
 def _bool(config: Any, key: str) -> bool:

@@ -7,6 +7,7 @@
     │   └── ReceiverNotAddressable  a receiver cannot be found again by ``module:qualname``
     ├── PayloadError              an event cannot be turned into JSON (raised at emit time)
     ├── DeliveryError             Redis refused or could not be reached (never raised into a request)
+    ├── HandlerCrashed            the process running a handler died (a segfault, os._exit); retried
     └── EventRejected             the worker will not run a job (recorded in RQ's failed registry)
         ├── MalformedEvent          the job's data is not a valid event
         ├── UnknownReceiver         the job names a receiver not registered with ``@deferred``
@@ -43,6 +44,14 @@ class PayloadError(SignalQueueError, TypeError):
 
 class DeliveryError(SignalQueueError):
     """The event could not be handed to Redis (connection refused, timeout, auth...)."""
+
+
+class HandlerCrashed(SignalQueueError):
+    """The process running an event's handler died while it ran (a signal such as SIGSEGV, or an exit).
+
+    Recorded as that event's failed attempt (RQ's failed registry after its
+    last retry); the worker itself carries on.
+    """
 
 
 class EventRejected(SignalQueueError):

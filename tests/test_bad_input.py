@@ -169,6 +169,10 @@ def test_extension_misuse_says_how_to_fix_it() -> None:
         create_app(SIGNAL_QUEUE_TRUSTED_PROXIES=-1)
     with pytest.raises(ConfigurationError, match="SIGNAL_QUEUE_REDIS_URL"):
         create_app(SIGNAL_QUEUE_REDIS_URL="http://nope")
+    for grace in (-1, "7", True, float("nan")):
+        with pytest.raises(ConfigurationError, match=r"SIGNAL_QUEUE_SHUTDOWN_GRACE must be a number of seconds >= 0"):
+            create_app(SIGNAL_QUEUE_SHUTDOWN_GRACE=grace)
+    assert SignalQueue.state(create_app(SIGNAL_QUEUE_SHUTDOWN_GRACE=2)).consumer.shutdown_grace == 2.0
 
 
 def test_decorator_returns_the_function_and_holds_the_forwarder_strongly() -> None:

@@ -37,6 +37,17 @@ def test_flask_cli_worker_runs_the_same_jobs(conn: redis.Redis, redis_url: str) 
     assert [r["kwargs"]["value"] for r in records(conn)] == ["from-cli"]
 
 
+def test_forking_worker_class_runs_the_same_jobs(conn: redis.Redis, redis_url: str) -> None:
+    """`--worker-class fork` (RQ's forking Worker: a work horse per job, the events run in it) still works."""
+    app = create_app()
+    for value in ("fork-1", "fork-2"):
+        app.test_client().get(f"/emit/{value}")
+    drain(app)
+    run_worker("tests.misc_app:create_app()", redis_url, "--worker-class", "fork")
+    assert sorted(r["kwargs"]["value"] for r in records(conn)) == ["fork-1", "fork-2"]
+    assert {r["attempt"] for r in records(conn)} == {1}
+
+
 def test_worker_finds_the_app_in_the_environment(conn: redis.Redis, redis_url: str) -> None:
     """Without --app, worker.py reads SIGNAL_QUEUE_APP, then FLASK_APP."""
     app = create_app()

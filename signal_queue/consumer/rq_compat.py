@@ -31,24 +31,30 @@ import datetime as dt
 import hashlib
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar, cast
 
 import redis
 import rq
 from rq import Queue, SimpleWorker
+from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, DeserializationError, StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
+from rq.scheduler import RQScheduler
+from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
 from rq.utils import as_text, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
 from ..wire.keys import HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
+from .lifeline import die_with_parent, orphaned
 from .quarantine import entry_text, quarantine
 from .redis_faults import describe, transient_cause
 
@@ -67,6 +73,16 @@ MIRRORED = {
     "rq.worker.BaseWorker.get_heartbeat_ttl": "8878c9689380486b",
     "rq.worker.BaseWorker.prepare_execution": "899b4eaa689fcf35",
     "rq.worker.BaseWorker.request_stop": "f934e7e7e6eecfee",
+    "rq.worker.BaseWorker.handle_warm_shutdown_request": "25d331e215916915",
+    "rq.worker.BaseWorker._start_scheduler": "49c229109608aa31",
+    "rq.worker.BaseWorker.stop_scheduler": "b90d9019bcaf7b95",
+    "rq.worker.BaseWorker.unsubscribe": "16e9db30b9c54c46",
+    "rq.worker.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",  # restarts a dead scheduler via start()
+    "rq.worker.BaseWorker.perform_job": "1f0e40678ae519cf",
+    "rq.scheduler.RQScheduler.start": "7995068483aebe44",
+    "rq.scheduler.RQScheduler.work": "5d1810bdd4392089",
+    "rq.scheduler.RQScheduler.request_stop": "3b064bb4d72ed53f",
+    "rq.timeouts.BaseDeathPenalty.__init__": "a13b463409540ce1",
     "rq.job.Job.restore": "859daf950a3ede0b",
     "rq.job.Job.to_dict": "9e1a56a9cd4b57e5",  # the fields SignalJob's allow-list knows
     "rq.job.Job._deserialize_data": "00c06178d415b147",
@@ -85,7 +101,6 @@ MIRRORED = {
     "rq.intermediate_queue.IntermediateQueue.cleanup": "e465aaeb5d294870",  # replaced: the abandoned-job bound
     "rq.worker.BaseWorker.clean_registries": "e2c9790c8156c72c",  # calls intermediate_queue.cleanup under the lock
     "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",  # calls dequeue_any; DequeueTimeout
-    "rq.worker.BaseWorker.perform_job": "1f0e40678ae519cf",  # RQ leaves a job in the intermediate list with 2+ queues
     "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",
     "rq.worker.BaseWorker._shutdown": "828be105b616d1d6",  # StopRequested raised wherever an idle worker is
     "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
@@ -95,7 +110,6 @@ MIRRORED = {
     # the calls the loop makes.
     "rq.worker.BaseWorker.work": "04b5cdf8e554d8a2",
     "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
-    "rq.worker.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
     "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
     "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",
@@ -735,11 +749,13 @@ def taken_count(queue: Queue) -> int:
 
 
 # Front of the queue is the left end: RQ pushes at_front jobs with LPUSH and takes from the left.
-# KEYS: intermediate list, queue, first-seen key, started registry, taken set; ARGV: job id, its
-# stale executions. Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
-# IntermediateQueue.get_first_seen_key, StartedJobRegistry entries "job_id:execution_id").
+# KEYS: intermediate list, queue, first-seen key, started registry, taken set, job hash; ARGV: job id,
+# its stale executions. Writes RQ's own keys as rq 3.0 names them (Queue.intermediate_queue_key,
+# IntermediateQueue.get_first_seen_key, StartedJobRegistry entries "job_id:execution_id"). A job whose
+# status is no longer "queued" was started (a worker with several queues leaves a started job in the
+# intermediate list): the started registry recovers it, so it is left alone.
 _RETURN_UNTAKEN = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+if redis.call('HGET', KEYS[6], 'status') == 'queued' and redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
   redis.call('DEL', KEYS[3])
   redis.call('ZREM', KEYS[5], ARGV[1])
   for i = 2, #ARGV do redis.call('ZREM', KEYS[4], ARGV[i]) end
@@ -750,13 +766,95 @@ return 0
 """
 
 
+class CompatScheduler(RQScheduler):
+    """RQ's scheduler process, which ends when the worker that started it does.
+
+    RQ's runs until it gets SIGTERM, which a worker killed by SIGKILL, the OOM
+    killer or a crash never sends: it outlived its worker, holding the queues'
+    scheduler locks. Also, once the worker is stopping (:attr:`stopping`), the
+    worker's maintenance does not start a new one; and a SIGTERM that comes
+    while one is being forked is not lost (RQ's child would run the worker's
+    handler, and the worker then wait for it forever).
+    """
+
+    parent_pid = 0
+    #: Set when the worker is asked to stop: no scheduler process is started any more.
+    stopping = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._wake = threading.Event()
+
+    def start(self) -> BaseProcess | None:
+        # rq 3.0 RQScheduler.start forks the scheduler process from the worker (the worker's
+        # maintenance calls it again, through acquire_locks, when the process has died).
+        if self.stopping:
+            # acquire_locks took them for a process that will not run
+            self.release_locks()  # type: ignore[no-untyped-call]
+            return None
+        self.parent_pid = os.getpid()
+        # Signals wait until the child has its own handlers (see work), and the worker's own
+        # handler runs once the fork is done.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+        try:
+            process: BaseProcess = super().start()  # type: ignore[no-untyped-call]
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return process
+
+    def work(self) -> None:
+        # rq 3.0 RQScheduler.work, in the scheduler process: the same loop, which also
+        # ends when the worker is gone (on Linux the kernel sends SIGTERM at once).
+        self._install_signal_handlers()  # type: ignore[no-untyped-call]
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
+        die_with_parent(signal.SIGTERM)
+        self.register_birth()
+        while True:
+            if self._stop_requested or orphaned(self.parent_pid):
+                self.stop()  # type: ignore[no-untyped-call]
+                break
+            if self.should_reacquire_locks:
+                self.acquire_locks()  # type: ignore[no-untyped-call]
+            self.heartbeat()  # type: ignore[no-untyped-call]
+            self.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+            self._wake.wait(self.interval)  # RQ sleeps: a SIGTERM then waits out the second
+
+    def request_stop(self, signum: Any = None, frame: Any = None) -> None:
+        # rq 3.0 RQScheduler.request_stop, its SIGTERM/SIGINT handler: also ends the wait between
+        # rounds, so a stopping worker does not wait a second for its scheduler (it joins it).
+        super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
+        self._wake.set()
+
+
+class BackstopDeathPenalty(UnixSignalDeathPenalty):
+    """RQ's job alarm, :attr:`MARGIN` seconds later than the job's timeout.
+
+    For a worker that enforces each event's timeout itself (it kills the process
+    running the handler): the alarm is only a backstop for the worker's own
+    bookkeeping, and must not fire first.
+    """
+
+    MARGIN = 60
+
+    def __init__(self, timeout: int, exception: type[Exception] = JobTimeoutException, **kwargs: Any) -> None:
+        # rq 3.0 BaseDeathPenalty.__init__(timeout, exception, **kwargs); BaseWorker.perform_job
+        # makes one per job with job.timeout and arms it around job.perform().
+        super().__init__(timeout + self.MARGIN if timeout > 0 else timeout, exception, **kwargs)  # type: ignore[no-untyped-call]
+
+
+#: Seconds a stopping worker waits for its RQ scheduler process to stop (it looks every second).
+SCHEDULER_STOP_TIMEOUT = 2.0
+
+
 class CompatWorker(SimpleWorker):
-    """RQ's SimpleWorker (jobs run in the worker process), with heartbeats from a thread.
+    """RQ's SimpleWorker (no work horse per job), with heartbeats from a thread.
 
     A thread renews the running job's entry in RQ's started registry every
-    third of ``heartbeat_ttl``, so that when the worker dies (SIGKILL, a
-    segfault in a handler) the job is found abandoned and run again by
-    another worker, skipping the events it had finished.
+    third of ``heartbeat_ttl``, so that when the worker dies (SIGKILL, the OOM
+    killer) the job is found abandoned and run again by another worker,
+    skipping the events it had finished. Its RQ scheduler process ends with
+    it (:class:`CompatScheduler`), and :meth:`stop_soon` tells it at once when
+    SIGTERM asks it to stop.
     """
 
     heartbeat_ttl = 30
@@ -815,6 +913,72 @@ class CompatWorker(SimpleWorker):
         # rq 3.0 BaseWorker.get_heartbeat_ttl: ours is renewed by the thread, not per job timeout.
         return self.heartbeat_ttl
 
+    def handle_warm_shutdown_request(self) -> None:
+        # rq 3.0 BaseWorker.request_stop calls this in the SIGTERM/SIGINT handler, before it
+        # decides to stop at once (idle) or after the running job (busy).
+        super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+        if isinstance(self.scheduler, CompatScheduler):
+            self.scheduler.stopping = True
+        self.stop_soon()
+
+    def stop_soon(self) -> None:
+        """SIGTERM/SIGINT asked the worker to stop: called in the signal handler."""
+
+    def unsubscribe(self) -> None:
+        # rq 3.0 BaseWorker.unsubscribe, with the pubsub thread told to stop before the
+        # UNSUBSCRIBE goes out: the reply then ends the thread's wait at once. In RQ's order
+        # the reply often comes first, and the worker's exit waits out the 1 s join.
+        if self.pubsub_thread:
+            self.log.info("Worker %s: unsubscribing from channel %s", self.name, self.pubsub_channel_name)
+            self.pubsub_thread.stop()
+            self.pubsub.unsubscribe()
+            self.pubsub_thread.join(timeout=1)
+            self.pubsub.close()
+
+    def stop_scheduler(self) -> None:
+        # rq 3.0 BaseWorker.stop_scheduler (SIGTERM to the scheduler process, then join), with
+        # the join bounded: a scheduler that does not stop must not keep its worker from exiting.
+        process = self.scheduler._process if self.scheduler is not None else None
+        if process is None or not process.pid:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(process.pid, signal.SIGTERM)
+        process.join(SCHEDULER_STOP_TIMEOUT)
+        if process.is_alive():
+            self.log.warning("signal_queue: RQ's scheduler process %d did not stop; killing it", process.pid)
+            with contextlib.suppress(OSError):
+                os.kill(process.pid, signal.SIGKILL)
+            process.join()
+
+    def _start_scheduler(
+        self,
+        burst: bool = False,
+        logging_level: str | None = "INFO",
+        date_format: str = DEFAULT_LOGGING_DATE_FORMAT,
+        log_format: str = DEFAULT_LOGGING_FORMAT,
+    ) -> None:
+        # rq 3.0 BaseWorker._start_scheduler, with CompatScheduler for RQScheduler. The worker's
+        # maintenance restarts a scheduler that died through the same object (acquire_locks).
+        self.scheduler = CompatScheduler(
+            self.queues,
+            connection=self.connection,
+            logging_level=logging_level if logging_level is not None else self.log.level,
+            date_format=date_format,
+            log_format=log_format,
+            serializer=self.serializer,
+        )
+        self.scheduler.acquire_locks()  # type: ignore[no-untyped-call]
+        if self.scheduler.acquired_locks:
+            if burst:
+                try:
+                    self.scheduler.register_birth()
+                    self.scheduler.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
+                finally:
+                    self.scheduler.release_locks()  # type: ignore[no-untyped-call]
+                    self.scheduler.register_death()
+            else:
+                self.scheduler.start()
+
     def return_untaken_job(self) -> str | None:
         """After Redis came back: put the job this worker took but never started back on its queue.
 
@@ -834,6 +998,7 @@ class CompatWorker(SimpleWorker):
             queue.intermediate_queue.get_first_seen_key(job_id),
             queue.started_job_registry.key,
             TAKEN_KEY.format(queue.name),
+            queue.job_class.key_for(job_id),
         ]
         # RQ registers the execution before it starts the job: an entry left by this worker
         # would later look abandoned while another worker runs the job, and run it twice.

@@ -4,6 +4,13 @@ RQ calls :func:`run_events` (a batch) or :func:`run_event` (one event) with the
 job's arguments and nothing else, so the worker binds a :class:`Consumer`, the
 app's settings for running events, before it starts (:func:`bind`). Eager mode
 and the testing helpers call :func:`execute_event` with a consumer directly.
+
+The job functions keep the books (done marks, counters, failures spun off as
+their own jobs, events handed back by a stopping worker); an :class:`EventRunner`
+runs the handlers and reports one :class:`Outcome` per event. The default
+worker binds one that runs them in a supervised child process
+(:mod:`.handler_process`); RQ's forking worker runs them here, in its work horse
+(:class:`InProcess`).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import functools
 import inspect
 import logging
 import signal
@@ -21,7 +29,7 @@ import traceback
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import redis
 from flask import Flask
@@ -30,10 +38,19 @@ from rq.job import Job, JobStatus, get_current_job
 from rq.serializers import JSONSerializer
 from rq.timeouts import JobTimeoutException
 
-from ..exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch
+from ..exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch, UnknownReceiver
 from ..wire.codec import Codec
-from ..wire.event import Event, resolve_shared_request
-from ..wire.keys import ATTEMPT_FIELD, DONE_KEY, DONE_TTL, RUN_EVENT, RUN_EVENTS, STATS_KEY
+from ..wire.event import Event, new_id, resolve_shared_request
+from ..wire.keys import (
+    ATTEMPT_FIELD,
+    BATCH_RETRIES,
+    DONE_KEY,
+    DONE_TTL,
+    RUN_EVENT,
+    RUN_EVENTS,
+    STATS_KEY,
+    batch_timeout,
+)
 from ..wire.receivers import DeferredReceiver, muted, receivers
 from .context import handling, rebuilt_context
 from .redis_faults import describe, transient_cause
@@ -53,24 +70,142 @@ class Consumer:
     default_retry: Retry | None
     result_ttl: int
     failure_ttl: int
-    #: Sends the events the handlers emitted; called before a job counts as done.
+    #: Sends the events the handlers emitted; called before an event counts as done.
     send_emitted: Callable[[], object] = lambda: None
+    #: Makes the app's emit side usable in a process forked from this one (the handler process).
+    after_fork: Callable[[], object] = lambda: None
     #: Modules to import so their receivers register (``SIGNAL_QUEUE_IMPORTS``).
     imports: Sequence[str] = field(default_factory=tuple)
     #: The worker's Redis and its recovery timings.
     redis_url: str = ""
     abandoned_after: int = 30
     maintenance_interval: int = 15
+    #: Seconds a stopping worker lets the running event finish (``SIGNAL_QUEUE_SHUTDOWN_GRACE``).
+    shutdown_grace: float = 7.0
 
     def queue_names(self) -> list[str]:
         """The default queue, then every queue a registered receiver names."""
         return [self.default_queue, *sorted(receivers.queues() - {self.default_queue})]
 
     def timeout_of(self, receiver: DeferredReceiver | None) -> int:
+        """Seconds an event of ``receiver`` may run (its ``timeout``, else ``SIGNAL_QUEUE_JOB_TIMEOUT``)."""
         return (receiver.timeout if receiver is not None else None) or self.default_timeout
 
 
+#: How an event's run ended (the ``outcome`` of its log line).
+HANDLED = "handled"
+FAILED = "failed"  # the handler raised (its own timeout too): retried with its receiver's retries
+REJECTED = "rejected"  # the worker will not run it (EventRejected): straight to the failed registry
+CRASHED = "crashed"  # the process running the handler died (a segfault, os._exit): retried
+TIMED_OUT = "timeout"  # it ran past its timeout and the process running it was killed: retried
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why an event did not succeed: the exception's type, message and the text RQ records."""
+
+    module: str
+    qualname: str
+    message: str
+    #: The formatted traceback (or, for a crash, what the supervisor saw), as RQ's exc_string.
+    text: str
+
+    @classmethod
+    def of(cls, exc: BaseException) -> Failure:
+        kind = type(exc)
+        try:
+            message = str(exc)
+        except Exception:
+            message = f"<{kind.__name__} whose str() failed>"
+        return cls(kind.__module__, kind.__qualname__, message, _exc_text(exc))
+
+    @property
+    def summary(self) -> str:
+        """``Type: message``, as the event's log line shows it."""
+        return f"{self.qualname.rsplit('.', 1)[-1]}: {self.message}"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one event of a job (``index`` into the job's events)."""
+
+    index: int
+    kind: str
+    seconds: float
+    #: ``time.monotonic()`` when the handler returned (the next event starts then).
+    finished_at: float = 0.0
+    failure: Failure | None = None
+    #: The exception itself, when it was raised in this process (re-raised for RQ by :func:`run_event`).
+    exception: BaseException | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """The events a stopping worker did not run, to go back to the queue (see :func:`hand_back`)."""
+
+    items: list[tuple[int, Any]]
+    #: True if the first of them had started and was stopped part-way (it runs again, as a new attempt).
+    cut: bool
+
+
+class EventRunner(Protocol):
+    """Runs a job's events and reports each one's :class:`Outcome` to ``settle``, in order.
+
+    Returns the events left unrun because the worker is stopping, or None when
+    every event was reported.
+    """
+
+    def run(
+        self,
+        consumer: Consumer,
+        attempt: int,
+        items: Sequence[tuple[int, Any]],
+        requests: Any,
+        settle: Callable[[Outcome], None],
+    ) -> Unfinished | None: ...
+
+
+def run_here(consumer: Consumer, index: int, payload: Any, requests: Any, attempt: int) -> Outcome:
+    """Run one event in this process: its handler, in rebuilt contexts, under its own timeout."""
+    started = time.perf_counter()
+    kind = HANDLED
+    error: BaseException | None = None
+    try:
+        payload = resolve_shared_request(payload, requests)
+        event, receiver = resolve_event(payload, attempt)
+        with event_timeout(consumer.timeout_of(receiver)):
+            run_resolved(consumer, event, receiver)
+    except EventRejected as exc:  # retrying cannot help
+        kind, error = REJECTED, exc
+    except Exception as exc:
+        kind, error = FAILED, exc
+    seconds = time.perf_counter() - started
+    if error is None:
+        return Outcome(index, kind, seconds, time.monotonic())
+    return Outcome(index, kind, seconds, time.monotonic(), Failure.of(error), error)
+
+
+class InProcess:
+    """Runs events in this process, one after the other: RQ's forking worker's work horse does this."""
+
+    def run(
+        self,
+        consumer: Consumer,
+        attempt: int,
+        items: Sequence[tuple[int, Any]],
+        requests: Any,
+        settle: Callable[[Outcome], None],
+    ) -> Unfinished | None:
+        for index, payload in items:
+            outcome = run_here(consumer, index, payload, requests, attempt)
+            # What the handler sent reaches Redis before its event counts as done.
+            consumer.send_emitted()
+            settle(outcome)
+        return None
+
+
 _bound: Consumer | None = None
+_runner: EventRunner = InProcess()
 
 
 def bind(consumer: Consumer | None) -> None:
@@ -82,6 +217,12 @@ def bind(consumer: Consumer | None) -> None:
 def bound() -> Consumer | None:
     """The consumer bound in this process, if any."""
     return _bound
+
+
+def use_runner(runner: EventRunner | None) -> None:
+    """Run the handlers of this process's jobs with ``runner`` (None: in this process)."""
+    global _runner
+    _runner = runner if runner is not None else InProcess()
 
 
 def _bound_or_fail() -> Consumer:
@@ -98,23 +239,33 @@ def _attempt(job: Job | None) -> int:
     return int(getattr(job, "attempt", 1))
 
 
+class HandlerTraceback(Exception):
+    """The traceback of a handler that raised in the handler process: the cause of what RQ records."""
+
+
 def run_event(payload: Any) -> None:
     """Job function for one event (a retry, or a requeued failure): RQ's retries apply to it."""
     consumer = _bound_or_fail()
     job = get_current_job()
     attempt = _attempt(job)
-    started = time.perf_counter()
-    try:
-        execute_event(consumer, payload, attempt)
-    except Exception as exc:
-        _log_event(payload, attempt, started, "failed", exc)
-        _count(job, "failed")
-        raise
-    else:
-        _log_event(payload, attempt, started, "handled", None)
-        _count(job, "handled")
-    finally:
-        consumer.send_emitted()
+    outcomes: list[Outcome] = []
+    left = _runner.run(consumer, attempt, [(0, payload)], None, outcomes.append)
+    if left is not None and job is not None:
+        hand_back(consumer, job, attempt, left, None)
+        return
+    [outcome] = outcomes
+    _log_event(payload, attempt, outcome)
+    _count(job, "handled" if outcome.kind == HANDLED else "failed")
+    if outcome.exception is not None:
+        raise outcome.exception
+    if outcome.failure is not None:
+        # Raised in the handler process: RQ records a stand-in of the same type and message,
+        # caused by the handler's own traceback.
+        failure = outcome.failure
+        raise consumer.codec.decode_exception(
+            {"module": failure.module, "qualname": failure.qualname, "args": None, "message": failure.message,
+             "traceback": failure.text, "notes": [], "format_only": ""}
+        ) from HandlerTraceback(failure.text)
 
 
 def _count(job: Job | None, outcome: str) -> None:
@@ -131,7 +282,8 @@ def run_events(payloads: Any, requests: Any = None) -> None:
     few events), so a rerun of the batch after a crashed worker skips what was
     done; an event that fails becomes a single-event job that RQ retries with
     the receiver's ``Retry`` or records in the failed registry, so it never
-    makes the rest of the batch run again.
+    makes the rest of the batch run again. Events a stopping worker did not
+    run go back to the front of the queue as a new batch job (:func:`hand_back`).
     """
     consumer = _bound_or_fail()
     job = get_current_job()
@@ -141,30 +293,100 @@ def run_events(payloads: Any, requests: Any = None) -> None:
         raise MalformedEvent(f"a batch job's argument must be a list of events, got {type(payloads).__name__}")
     attempt = _attempt(job)
     marks = _DoneMarks(job, attempt)
-    for index, payload in enumerate(payloads):
-        if index in marks.done:
-            continue
-        receiver = None
-        started = time.perf_counter()
-        try:
-            payload = resolve_shared_request(payload, requests)
-            event, receiver = resolve_event(payload, attempt)
-            with event_timeout(consumer.timeout_of(receiver)):
-                run_resolved(consumer, event, receiver)
-        except EventRejected as exc:  # retrying cannot help: straight to the failed registry
-            _log_event(payload, attempt, started, "rejected", exc)
-            marks.failed += 1
-            record_failed_event(consumer, job, payload, receiver, attempt, _exc_text(exc), retryable=False)
-        except Exception as exc:
-            _log_event(payload, attempt, started, "failed", exc)
-            marks.failed += 1
-            record_failed_event(consumer, job, payload, receiver, attempt, _exc_text(exc), retryable=True)
+    items = [(index, payload) for index, payload in enumerate(payloads) if index not in marks.done]
+
+    def settle(outcome: Outcome) -> None:
+        payload = payloads[outcome.index]
+        _log_event(payload, attempt, outcome)
+        if outcome.kind == HANDLED:
+            marks.add(outcome.index)
         else:
-            _log_event(payload, attempt, started, "handled", None)
-            marks.handled += 1
-        marks.add(index)
-    consumer.send_emitted()
+            assert outcome.failure is not None
+            marks.note(outcome.index, handled=False)
+            record_failed_event(
+                consumer, job, with_request(payload, requests), receiver_of(payload), attempt,
+                outcome.failure.text, retryable=outcome.kind != REJECTED, marks=marks,
+            )
+
+    try:
+        left = _runner.run(consumer, attempt, items, requests, settle)
+        if left is not None:
+            hand_back(consumer, job, attempt, left, requests, marks)
+    except BaseException:
+        marks.save_once()  # what finished is not run again by a rerun, if Redis takes it
+        raise
     marks.flush()
+
+
+def receiver_of(payload: Any) -> DeferredReceiver | None:
+    """The registered receiver an event names, or None."""
+    if not isinstance(payload, dict):
+        return None
+    try:
+        return receivers.get(str(payload.get("receiver")), str(payload.get("signal")))
+    except UnknownReceiver:
+        return None
+
+
+def with_request(payload: Any, requests: Any) -> Any:
+    """A batch's event with its request snapshot in place (as its own job carries it), if it can be."""
+    try:
+        return resolve_shared_request(payload, requests)
+    except MalformedEvent:
+        return payload
+
+
+def hand_back(
+    consumer: Consumer, job: Job, attempt: int, left: Unfinished, requests: Any, marks: _DoneMarks | None = None
+) -> str:
+    """Put the events a stopping worker did not run back at the front of the job's queue.
+
+    They go as a new batch job (with the request snapshots they refer to), not
+    as this job again: RQ finishes this job as usual, and the handover and this
+    job's done marks for those events are written in one transaction, so an
+    event is in exactly one of the two jobs whatever happens next. The new job
+    counts as started ``attempt`` times if its first event was cut part-way,
+    else ``attempt - 1``: events that never started keep their attempt number.
+    """
+    events = [payload for _, payload in left.items]
+    refs = {
+        p["request"]["ref"]
+        for p in events
+        if isinstance(p, dict) and isinstance(p.get("request"), dict) and "ref" in p["request"]
+    }
+    shared = {k: v for k, v in requests.items() if k in refs} if isinstance(requests, dict) else {}
+    found = [receiver_of(p) for p in events]
+    names = sorted({f"{r.signal_name} -> {r.name}" for r in found if r is not None})
+    queue = Queue(job.origin, connection=job.connection, serializer=JSONSerializer, job_class=type(job))
+    new = queue.create_job(
+        RUN_EVENTS,
+        args=(events, shared),
+        job_id=f"sqb{new_id()}",
+        timeout=batch_timeout(consumer.timeout_of(r) for r in found),
+        result_ttl=consumer.result_ttl,
+        failure_ttl=consumer.failure_ttl,
+        retry=Retry(max=BATCH_RETRIES),
+        description=f"{len(events)} event(s): {', '.join(names) or 'unknown receivers'} "
+        f"(the rest of job {job.id}, handed back by a stopping worker)",
+        status=JobStatus.QUEUED,
+    )
+    started = attempt if left.cut else attempt - 1
+    with job.connection.pipeline() as pipe:
+        queue.enqueue_job(new, pipeline=pipe, at_front=True)
+        if started:
+            pipe.hset(new.key, ATTEMPT_FIELD, started)
+        if marks is not None:
+            for index, _ in left.items:
+                marks.note(index, handled=None)
+            marks.save_into(pipe)
+        pipe.execute()
+    if marks is not None:
+        marks.saved()
+    logger.warning(
+        "signal_queue: stopping; %d event(s) of job %s not run here are back at the front of queue %s as job %s",
+        len(events), job.id, queue.name, new.id,
+    )
+    return new.id
 
 
 #: The job functions a worker runs, by the name stored in Redis (see :mod:`signal_queue.wire.keys`).
@@ -195,7 +417,7 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {type(exc).__name__}: {exc}") from exc
         try:
-            inspect.signature(receiver.func).bind(sender, **kwargs)
+            _signature(receiver.func).bind(sender, **kwargs)
         except TypeError as exc:
             raise ReceiverSignatureMismatch(
                 f"receiver {receiver.name!r} no longer accepts this event's arguments "
@@ -206,6 +428,12 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
             result = receiver.func(sender, **kwargs)
             if inspect.iscoroutine(result):
                 _run_coroutine(result)
+
+
+@functools.lru_cache(maxsize=1024)
+def _signature(func: Callable[..., Any]) -> inspect.Signature:
+    """A receiver's signature, worked out once: inspect.signature costs more than a trivial handler."""
+    return inspect.signature(func)
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -234,7 +462,7 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
 events_logger = logging.getLogger("signal_queue.events")
 
 
-def _log_event(payload: Any, attempt: int, started: float, outcome: str, exc: BaseException | None) -> None:
+def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
     """One structured line per event run: id, signal, receiver, attempt, duration, outcome."""
     if not events_logger.isEnabledFor(logging.INFO):
         return
@@ -244,11 +472,11 @@ def _log_event(payload: Any, attempt: int, started: float, outcome: str, exc: Ba
         "signal": data.get("signal"),
         "receiver": data.get("receiver"),
         "attempt": attempt,
-        "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-        "outcome": outcome,
+        "duration_ms": round(outcome.seconds * 1000, 3),
+        "outcome": outcome.kind,
     }
-    if exc is not None:
-        fields["error"] = f"{type(exc).__name__}: {exc}"
+    if outcome.failure is not None:
+        fields["error"] = outcome.failure.summary
     events_logger.info(
         " ".join(f"{k}={v}" for k, v in fields.items()), extra={"signal_queue": fields}
     )
@@ -286,9 +514,15 @@ def event_timeout(seconds: int) -> Iterator[None]:
 
 
 class _DoneMarks:
-    """Which events of a batch job have finished, kept in Redis so a rerun skips them."""
+    """Which events of a batch job have finished, kept in Redis so a rerun skips them.
+
+    Saved in one pipeline every :attr:`FLUSH_EVERY` events, or sooner once
+    :attr:`FLUSH_AFTER` seconds passed since the last save (so slow events are
+    marked one by one), with the ``handled`` and ``failed`` counters.
+    """
 
     FLUSH_EVERY = 20
+    FLUSH_AFTER = 0.05
 
     def __init__(self, job: Job | None, attempt: int) -> None:
         self.job = job
@@ -297,13 +531,43 @@ class _DoneMarks:
         self.handled = 0
         self.failed = 0
         self._unsaved: list[int] = []
+        self._saved_at = time.monotonic()
         if job is not None and self.key is not None and attempt > 1:
             self.done = {int(i) for i in job.connection.smembers(self.key)}
 
     def add(self, index: int) -> None:
-        self._unsaved.append(index)
-        if len(self._unsaved) >= self.FLUSH_EVERY:
+        """Event ``index`` was handled: count it, and save the marks when it is time."""
+        self.note(index, handled=True)
+        if len(self._unsaved) >= self.FLUSH_EVERY or time.monotonic() - self._saved_at >= self.FLUSH_AFTER:
             self.flush()
+
+    def note(self, index: int, handled: bool | None) -> None:
+        """Note event ``index`` as done without saving (``handled`` True or False counts it; None: handed back).
+
+        A failed or handed-back event's mark is saved in the transaction that gives it to its new job.
+        """
+        self._unsaved.append(index)
+        if handled is True:
+            self.handled += 1
+        elif handled is False:
+            self.failed += 1
+
+    def save_into(self, pipe: Any) -> None:
+        """Add the unsaved marks and counts to ``pipe``; call :meth:`saved` once it ran."""
+        if self.key is None:
+            return
+        if self._unsaved:
+            pipe.sadd(self.key, *self._unsaved)
+            pipe.expire(self.key, DONE_TTL)
+        if self.handled:
+            pipe.hincrby(STATS_KEY, "handled", self.handled)
+        if self.failed:
+            pipe.hincrby(STATS_KEY, "failed", self.failed)
+
+    def saved(self) -> None:
+        self._unsaved.clear()
+        self.handled = self.failed = 0
+        self._saved_at = time.monotonic()
 
     def flush(self) -> None:
         """Save the marks; while Redis is away, wait for it rather than forget them.
@@ -311,21 +575,13 @@ class _DoneMarks:
         A forgotten mark would make a rerun of the batch run finished events
         again; the job's own timeout still bounds the wait.
         """
-        if not self._unsaved or self.job is None or self.key is None:
+        if not (self._unsaved or self.handled or self.failed) or self.job is None:
             return
         delay = 0.1
         waiting: str | None = None
         while True:
             try:
-                with self.job.connection.pipeline(transaction=False) as pipe:
-                    pipe.sadd(self.key, *self._unsaved)
-                    pipe.expire(self.key, DONE_TTL)
-                    if self.handled:
-                        pipe.hincrby(STATS_KEY, "handled", self.handled)
-                    if self.failed:
-                        pipe.hincrby(STATS_KEY, "failed", self.failed)
-                    pipe.execute()
-                self.handled = self.failed = 0
+                self.save_once(quiet=False)
                 break
             except redis.RedisError as exc:
                 # Full, read-only, loading, busy or away: Redis takes the marks later.
@@ -340,7 +596,20 @@ class _DoneMarks:
                 delay = min(delay * 2, 2.0)
         if waiting is not None:
             logger.warning("signal_queue: done marks of job %s saved", self.job.id)
-        self._unsaved.clear()
+
+    def save_once(self, quiet: bool = True) -> None:
+        """One try at saving the marks (``quiet``: a Redis error is ignored, as on the way out of a failed job)."""
+        if not (self._unsaved or self.handled or self.failed) or self.job is None:
+            return
+        try:
+            with self.job.connection.pipeline(transaction=False) as pipe:
+                self.save_into(pipe)
+                pipe.execute()
+        except redis.RedisError:
+            if not quiet:
+                raise
+            return
+        self.saved()
 
 
 def record_failed_event(
@@ -352,6 +621,7 @@ def record_failed_event(
     exc_string: str,
     *,
     retryable: bool,
+    marks: _DoneMarks | None = None,
 ) -> None:
     """Give one failed event of a batch to RQ as its own job (id = event id).
 
@@ -359,6 +629,8 @@ def record_failed_event(
     is enqueued, or scheduled after the backoff interval, and RQ retries it from
     there; otherwise, or if the worker rejected it, it goes to RQ's failed
     registry with the error, where ``rq requeue`` or our ``requeue`` find it.
+    The batch's done ``marks`` are saved in the same transaction, so a rerun of
+    the batch cannot run the event again next to its own job.
     """
     retry = (receiver.retry or consumer.default_retry) if retryable and receiver is not None else None
     event_id = payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None
@@ -391,7 +663,11 @@ def record_failed_event(
             queue.failed_job_registry.add(new, ttl=consumer.failure_ttl, exc_string=exc_string, pipeline=pipe)
             record_failure_result(new, consumer.failure_ttl, exc_string, pipe)
         pipe.hset(new.key, ATTEMPT_FIELD, attempt)
+        if marks is not None:
+            marks.save_into(pipe)
         pipe.execute()
+    if marks is not None:
+        marks.saved()
     logger.warning(
         "signal_queue: event %s (%s) failed on attempt %d; %s",
         event_id,

@@ -8,6 +8,7 @@ on the bridge's queues, so ``rq info`` and rq-dashboard see an ordinary RQ worke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -32,9 +33,11 @@ from ..exceptions import ConfigurationError
 from ..wire.keys import PROBE_KEY, PROBE_TTL_MS
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity, restarted_with_data
 from ..wire.redis_url import hide_secrets, safe_url
+from .handler_process import HandlerProcess
 from .job import SignalJob
 from .redis_faults import CONNECTION, describe, is_refusal, refusal_name, transient_cause
 from .rq_compat import (
+    BackstopDeathPenalty,
     CompatQueue,
     CompatWorker,
     FaultAwareWorker,
@@ -42,7 +45,7 @@ from .rq_compat import (
     retire_worker,
     stop_requested,
 )
-from .run import Consumer, bind
+from .run import Consumer, bind, bound, use_runner
 
 logger = logging.getLogger("signal_queue.worker")
 
@@ -56,13 +59,45 @@ class _SignalWorkerDefaults:
 
 
 class SignalWorker(_SignalWorkerDefaults, FaultAwareWorker, CompatWorker):
-    """Runs events in the worker process itself (no fork per job): fast, and the app stays loaded.
+    """Runs events in one long-lived handler process that it supervises (no fork per job).
 
-    A running job's entry in RQ's started registry expires after
-    ``SIGNAL_QUEUE_ABANDONED_AFTER`` seconds unless this worker renews it; then
-    another worker's maintenance (every ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL``
-    seconds) finds it abandoned and RQ runs it again.
+    The worker talks to RQ and Redis; the handlers run in a child forked once
+    the app is loaded (:class:`~.handler_process.HandlerProcess`), which the
+    worker kills and replaces when an event crashes it or overruns its timeout,
+    blaming that event alone. A running job's entry in RQ's started registry
+    expires after ``SIGNAL_QUEUE_ABANDONED_AFTER`` seconds unless this worker
+    renews it (from its own thread, whatever the handler does); then another
+    worker's maintenance (every ``SIGNAL_QUEUE_MAINTENANCE_INTERVAL`` seconds)
+    finds it abandoned and RQ runs it again. On SIGTERM the running event may
+    finish within ``SIGNAL_QUEUE_SHUTDOWN_GRACE`` seconds; the rest of its job
+    goes back to the front of the queue at once.
     """
+
+    # Each event's timeout is enforced by killing the handler process; RQ's alarm for the
+    # whole job only guards the worker's own bookkeeping.
+    death_penalty_class = BackstopDeathPenalty
+
+    def __init__(self, *args: Any, consumer: Consumer | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        consumer = consumer or bound()
+        if consumer is None:
+            raise ConfigurationError("a SignalWorker needs the app's consumer: build it with build_worker()")
+        #: The process the handlers run in.
+        self.handlers = HandlerProcess(consumer)
+
+    def work(self, *args: Any, **kwargs: Any) -> bool:
+        # The handler process is forked first, from the loaded app, before RQ starts its threads.
+        self.handlers.start()
+        use_runner(self.handlers)
+        try:
+            return bool(super().work(*args, **kwargs))
+        finally:
+            use_runner(None)
+            self.handlers.close()
+
+    def stop_soon(self) -> None:
+        # In the SIGTERM handler: the handler process starts no other event from now on.
+        self.handlers.request_stop()
 
 
 class ForkingSignalWorker(_SignalWorkerDefaults, FaultAwareWorker, Worker):
@@ -105,6 +140,7 @@ def build_worker(
     check_redis_version(connection, url or consumer.redis_url)
     bind(consumer)
     CompatQueue.abandoned_after = consumer.abandoned_after
+    options: dict[str, Any] = {"consumer": consumer} if issubclass(cls, SignalWorker) else {}
     worker = cls(
         list(queues) or consumer.queue_names(),
         connection=connection,
@@ -113,6 +149,7 @@ def build_worker(
         # RQ blocks on the queue for worker_ttl - 15 s; this keeps an idle worker's
         # maintenance (which finds abandoned jobs) on its interval.
         worker_ttl=consumer.maintenance_interval + 15,
+        **options,
     )
     if isinstance(worker, SignalWorker):
         worker.heartbeat_ttl = consumer.abandoned_after
@@ -175,6 +212,13 @@ def run_worker(
                 fault = getattr(worker, "redis_fault", None) or exc
             else:
                 fault = getattr(worker, "redis_fault", None)
+                if stop_requested(worker) and isinstance(worker, SignalWorker):
+                    # SIGTERM between taking a job and starting it: it goes back on its queue
+                    # now, for the next worker, not after the abandoned-job bound.
+                    with contextlib.suppress(redis.RedisError):
+                        if returned := worker.return_untaken_job():
+                            logger.warning("signal_queue: job %s, taken but not started when the worker was "
+                                           "stopped, is queued again", returned)
                 if stop_requested(worker) or (fault is None and (burst or max_jobs is not None)):
                     return worked
             if stop_requested(worker):

@@ -109,7 +109,7 @@ class Outbox:
             self.dispatcher.deliver(events)
             return
         if self._pid != os.getpid():
-            self._after_fork()
+            self.after_fork()
         if len(self._pending) + len(events) > self.max_pending:
             self._drop(events)
             return
@@ -167,8 +167,12 @@ class Outbox:
                 self._thread = threading.Thread(target=self._run, name="signal_queue-sender", daemon=True)
                 self._thread.start()
 
-    def _after_fork(self) -> None:
-        """In a forked child (gunicorn --preload): no parent's events, threads or held locks."""
+    def after_fork(self) -> None:
+        """In a forked child (gunicorn --preload, a worker's handler process): start empty, with fresh locks.
+
+        The child must not send its parent's events again, nor wait on a lock a parent's
+        thread held at the fork. Run in every child by ``os.register_at_fork`` (below).
+        """
         self._pid = os.getpid()
         self._pending.clear()
         self._thread = None
@@ -256,7 +260,7 @@ _outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
 
 def _after_fork_in_child() -> None:
     for outbox in list(_outboxes):
-        outbox._after_fork()
+        outbox.after_fork()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
