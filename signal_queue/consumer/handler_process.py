@@ -43,10 +43,13 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
+import redis
+from rq.job import get_current_job
 from rq.timeouts import JobTimeoutException
 
 from ..exceptions import HandlerCrashed
 from .lifeline import die_with_parent, orphaned
+from .rq_compat import current_job_stub, set_current_job
 from .run import (
     CRASHED,
     FAILED,
@@ -155,7 +158,9 @@ class HandlerProcess:
             while pending:
                 if self._stop[0]:
                     return Unfinished(pending, cut=False)
-                sent_at = self._send((attempt, pending, requests))
+                current = get_current_job()
+                job = None if current is None else (current.id, current.origin)
+                sent_at = self._send((attempt, pending, requests, job))
                 pending, left = self._follow(pending, sent_at, attempt, settle)
                 if left is not None:
                     return left if left.items else None
@@ -167,7 +172,7 @@ class HandlerProcess:
             raise
         return None
 
-    def _send(self, job: tuple[int, list[tuple[int, Any]], Any]) -> float:
+    def _send(self, job: tuple[int, list[tuple[int, Any]], Any, tuple[str, str] | None]) -> float:
         """Hand a job's events to the handler process, a fresh one if it died while idle; when it was sent."""
         if self._exited() is not None:  # the OOM killer, a kill -9 between jobs: no event to blame
             self._forget()
@@ -442,6 +447,7 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         use_runner(None)
         consumer.after_fork()
+        connection = redis.Redis.from_url(consumer.redis_url) if consumer.redis_url else None
         while True:
             try:
                 message = jobs.recv()
@@ -449,7 +455,9 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
                 break
             if message is None:
                 break
-            attempt, items, requests = message
+            attempt, items, requests, job = message
+            # rq.get_current_job() in a receiver reads the job it runs in, as in RQ's own work horse.
+            set_current_job(None if job is None else current_job_stub(job[0], job[1], connection))
             for index, payload in items:
                 if stop[0]:
                     os.write(answers, _RECORD.pack(_STOPPED_CODE, index, 0.0, time.monotonic(), 0))

@@ -117,6 +117,7 @@ MIRRORED = {
     "rq.worker_registration.register": "757bc1c839a259c8",
     "rq.worker.BaseWorker.register_death": "cb2b0be150213a99",
     "rq.utils.str_to_date": "7e4d7f7531e244f7",
+    "rq.job.get_current_job": "a3fd249c56ead743",  # reads rq.job._current_job, which set_current_job sets
 }
 
 
@@ -128,6 +129,20 @@ def rq_version_checked() -> bool:
 def parse_rq_time(value: bytes | str) -> dt.datetime:
     """A time as RQ writes it in a job hash (rq 3.0 ``rq.utils.str_to_date``); ValueError if it is not one."""
     return str_to_date(value)
+
+
+def set_current_job(job: Job | None) -> None:
+    """Make ``job`` what ``rq.get_current_job()`` returns in this process (the handler process runs
+    receivers outside RQ's ``Job.perform``, which sets it: rq 3.0 ``rq.job._current_job``)."""
+    rq.job._current_job.set(job)
+
+
+def current_job_stub(job_id: str, origin: str, connection: redis.Redis | None) -> Job:
+    """The job a receiver runs in, as the handler process knows it: its id and queue; its other
+    fields load from Redis when read (``refresh()``), as for any ``Job(id=...)``."""
+    job = Job(id=job_id, connection=connection)
+    job.origin = origin
+    return job
 
 
 def record_failure_result(job: Job, ttl: int, exc_string: str, pipeline: Any) -> None:
