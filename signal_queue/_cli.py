@@ -166,11 +166,12 @@ def info_command(as_json: bool) -> None:
     state = state_for(current_app)
     conn = state.connection
     queues: list[dict[str, Any]] = []
-    for name in state.queue_names():
+    for priority, name in enumerate(state.queue_names(), 1):
         rq_queue = state.dispatcher.queue(name)  # counts only: RQ's plain Job class will do
         queues.append(
             {
                 "name": name,
+                "priority": priority,
                 "jobs_waiting": rq_queue.count,
                 "started": rq_queue.started_job_registry.count,
                 "scheduled": rq_queue.scheduled_job_registry.count,
@@ -201,6 +202,7 @@ def info_command(as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     click.echo(f"redis {data['redis']}")
+    click.echo(f"queues, in the order workers take from them: {', '.join(q['name'] for q in queues)}")
     for q in queues:
         click.echo(
             f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
