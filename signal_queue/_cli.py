@@ -221,6 +221,8 @@ def info_command(as_json: bool) -> None:
                    "are unknown until it answers")
     if seen.shared is not None:
         click.echo("events: " + ", ".join(f"{count} {name}" for name, count in seen.shared.items()))
+    if queues:
+        click.echo(f"queues, in the order workers take from them: {', '.join(q['name'] for q in queues)}")
     for q in queues or ():
         click.echo(
             f"queue {q['name']}: {q['jobs_waiting']} job(s) waiting (a job carries up to "
@@ -253,11 +255,12 @@ def _queues_and_workers() -> tuple[list[dict[str, Any]], list[dict[str, Any]], i
     (raises if Redis is down)."""
     state = state_for(current_app)
     queues: list[dict[str, Any]] = []
-    for name in state.queue_names():
+    for priority, name in enumerate(state.queue_names(), 1):
         rq_queue = state.dispatcher.queue(name)  # counts only: RQ's plain Job class will do
         queues.append(
             {
                 "name": name,
+                "priority": priority,
                 "jobs_waiting": rq_queue.count,
                 "started": rq_queue.started_job_registry.count,
                 "scheduled": rq_queue.scheduled_job_registry.count,

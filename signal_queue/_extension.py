@@ -70,6 +70,7 @@ class SignalQueue:
 
         - ``SIGNAL_QUEUE_REDIS_URL``: Redis for the queue (``redis://``, ``rediss://``, ``unix://``).
         - ``SIGNAL_QUEUE_QUEUE``: default RQ queue name.
+        - ``SIGNAL_QUEUE_QUEUES``: the queues in the order workers take from them (priority first).
         - ``SIGNAL_QUEUE_REDACT_HEADERS``: header names whose values are replaced.
         - ``SIGNAL_QUEUE_EAGER``: run handlers inline after a JSON round trip (tests).
         - ``SIGNAL_QUEUE_RETRY``, ``SIGNAL_QUEUE_JOB_TIMEOUT``: defaults for ``@deferred``.

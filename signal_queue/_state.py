@@ -46,6 +46,7 @@ DEFAULT_REDACT_HEADERS = (
 DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_REDIS_URL": "redis://localhost:6379/0",
     "SIGNAL_QUEUE_QUEUE": "signals",
+    "SIGNAL_QUEUE_QUEUES": (),
     "SIGNAL_QUEUE_REDACT_HEADERS": DEFAULT_REDACT_HEADERS,
     "SIGNAL_QUEUE_EAGER": False,
     "SIGNAL_QUEUE_RETRY": 0,
@@ -151,6 +152,7 @@ class SignalQueueState(Producer):
             send_emitted=outbox.flush,
             after_fork=outbox.after_fork,
             imports=tuple(_names(config, "SIGNAL_QUEUE_IMPORTS")),
+            queue_order=tuple(_names(config, "SIGNAL_QUEUE_QUEUES")),
             redis_url=self.redis_url,
             abandoned_after=_int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2),
             maintenance_interval=_int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1),
@@ -177,7 +179,7 @@ class SignalQueueState(Producer):
         return self.dispatcher.connection
 
     def queue_names(self) -> list[str]:
-        """The default queue, then every queue a registered receiver names."""
+        """The queues in the order workers take from them (see :meth:`Consumer.queue_names`)."""
         return self.consumer.queue_names()
 
     def route(self, app: Flask, event: PendingEvent) -> None:

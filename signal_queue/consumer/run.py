@@ -82,10 +82,20 @@ class Consumer:
     maintenance_interval: int = 15
     #: Seconds a stopping worker lets the running event finish (``SIGNAL_QUEUE_SHUTDOWN_GRACE``).
     shutdown_grace: float = 7.0
+    #: ``SIGNAL_QUEUE_QUEUES``: the queues in the order workers take from them (priority first).
+    queue_order: Sequence[str] = field(default_factory=tuple)
 
     def queue_names(self) -> list[str]:
-        """The default queue, then every queue a registered receiver names."""
-        return [self.default_queue, *sorted(receivers.queues() - {self.default_queue})]
+        """The queues in the order a worker takes from them: ``SIGNAL_QUEUE_QUEUES`` as given, then
+        the default queue and every other queue a registered receiver names, if the list left them
+        out (alphabetically), so that no receiver's events wait for a worker that never comes."""
+        listed = list(dict.fromkeys(self.queue_order))
+        others = [name for name in (self.default_queue, *sorted(receivers.queues())) if name not in listed]
+        return [*listed, *dict.fromkeys(others)]
+
+    def unlisted_queues(self) -> list[str]:
+        """Queues in use that ``SIGNAL_QUEUE_QUEUES`` (when it is set) does not name."""
+        return [name for name in self.queue_names() if self.queue_order and name not in self.queue_order]
 
     def timeout_of(self, receiver: DeferredReceiver | None) -> int:
         """Seconds an event of ``receiver`` may run (its ``timeout``, else ``SIGNAL_QUEUE_JOB_TIMEOUT``)."""

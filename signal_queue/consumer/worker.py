@@ -129,6 +129,11 @@ def build_worker(
 ) -> Worker | SimpleWorker:
     """An RQ worker bound to ``consumer``'s app, on ``queues`` (default: all the bridge's queues)."""
     import_receivers(consumer)
+    if not queues and (unlisted := consumer.unlisted_queues()):
+        logger.warning(
+            "signal_queue: receivers use queue(s) %s, which SIGNAL_QUEUE_QUEUES does not list; "
+            "this worker takes from them last", ", ".join(unlisted),
+        )
     cls = WORKER_CLASSES.get(worker_class)
     if cls is None:
         raise ConfigurationError(
