@@ -80,7 +80,7 @@ def test_job_taken_but_never_started_goes_back_at_once(redis_url: str) -> None:
 
 def test_maintenance_lock_left_by_a_dead_worker_expires_in_a_minute(redis_url: str) -> None:
     """Our workers' queues hold RQ's clean-up lock for 60 s, not 899 s, so recovery is not blocked long."""
-    worker = build_worker(SignalQueue.state(create_app()).consumer, url=redis_url)
+    worker = build_worker(SignalQueue.state(create_app()).consumer, ["signals"], url=redis_url)
     [queue] = worker.queues
     assert isinstance(queue, CompatQueue)
     assert queue.acquire_maintenance_lock()
