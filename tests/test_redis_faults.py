@@ -63,8 +63,9 @@ def sq_lines(text: str) -> str:
 
 def error_count(conn: redis.Redis, code: str) -> int:
     """How many replies Redis has answered with error ``code`` (INFO errorstats): the worker's tries."""
-    stats = conn.info("errorstats")
-    entry = stats.get(f"errorstat_{code}")
+    entry = conn.info("errorstats").get(f"errorstat_{code}")
+    if isinstance(entry, str):  # redis-py 5 leaves "count=4,..." unparsed
+        entry = dict(item.split("=", 1) for item in entry.split(","))
     return int(entry["count"]) if isinstance(entry, dict) else 0
 
 
