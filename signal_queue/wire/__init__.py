@@ -3,5 +3,7 @@
 - :mod:`.event`: the event and request snapshot as JSON, the format version, ids;
 - :mod:`.codec`: JSON encoding of kwargs, senders and exceptions;
 - :mod:`.keys`: the job function names, Redis keys and fields the bridge writes;
-- :mod:`.receivers`: the ``@deferred`` receivers by name, the only ones a job may name.
+- :mod:`.receivers`: the ``@deferred`` receivers by name, the only ones a job may name;
+- :mod:`.redis_identity`: Redis's run id and the marker key, read alike by both sides to tell
+  a Redis that came back without its data.
 """
