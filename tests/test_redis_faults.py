@@ -63,8 +63,9 @@ def sq_lines(text: str) -> str:
 
 def error_count(conn: redis.Redis, code: str) -> int:
     """How many replies Redis has answered with error ``code`` (INFO errorstats): the worker's tries."""
-    stats = conn.info("errorstats")
-    entry = stats.get(f"errorstat_{code}")
+    entry = conn.info("errorstats").get(f"errorstat_{code}")
+    if isinstance(entry, str):  # redis-py 5 leaves "count=4,..." unparsed
+        entry = dict(item.split("=", 1) for item in entry.split(","))
     return int(entry["count"]) if isinstance(entry, dict) else 0
 
 
@@ -72,6 +73,20 @@ def once_each(rows: list[list[str]], expected: set[str]) -> tuple[int, int]:
     """(events lost, events run twice) among ``expected`` (the ``n`` of each event)."""
     by_n = collections.Counter(r[0] for r in rows)
     return len(expected - set(by_n)), sum(c - 1 for n, c in by_n.items() if n in expected and c > 1)
+
+
+@pytest.fixture
+def client() -> Iterator[Callable[..., redis.Redis]]:
+    """Redis clients for a test, closed at its end (an unclosed socket is a ResourceWarning, an error here)."""
+    made: list[redis.Redis] = []
+
+    def make(url: str, **options: object) -> redis.Redis:
+        made.append(redis.Redis.from_url(url, **options))
+        return made[-1]
+
+    yield make
+    for conn in made:
+        conn.close()
 
 
 @pytest.fixture
@@ -122,11 +137,13 @@ def emit_backlog(app: Flask, numbers: range) -> None:
     drain(app)
 
 
-def test_worker_waits_while_redis_is_full_and_resumes_by_itself(tmp_path: Path, app_on: Callable[[str], Flask]) -> None:
+def test_worker_waits_while_redis_is_full_and_resumes_by_itself(
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
+) -> None:
     """maxmemory with noeviction under a backlog: the worker never exits, logs OOM once, resumes when it is lifted."""
     server = RedisProcess()
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     log = tmp_path / "handled.log"
     total = 12_000
     emit_backlog(app_on(server.url), range(total))
@@ -163,7 +180,7 @@ def test_worker_waits_while_redis_is_full_and_resumes_by_itself(tmp_path: Path, 
 
 
 def test_worker_on_a_read_only_replica_waits_until_it_is_promoted(
-    tmp_path: Path, app_on: Callable[[str], Flask]
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
 ) -> None:
     """A worker pointed at a replica logs READONLY once, waits, and drains the backlog once REPLICAOF NO ONE."""
     primary, replica = RedisProcess(), RedisProcess()
@@ -172,8 +189,8 @@ def test_worker_on_a_read_only_replica_waits_until_it_is_promoted(
     log = tmp_path / "handled.log"
     total = 2000
     emit_backlog(app_on(primary.url), range(total))
-    on_primary = redis.Redis.from_url(primary.url)
-    on_replica = redis.Redis.from_url(replica.url)
+    on_primary = client(primary.url)
+    on_replica = client(replica.url)
     on_replica.replicaof("127.0.0.1", primary.port)
     wait_for("the replica to hold the backlog", lambda: on_replica.info("replication")["master_link_status"] == "up"
              and on_replica.dbsize() == on_primary.dbsize(), 30)
@@ -204,7 +221,9 @@ def test_worker_on_a_read_only_replica_waits_until_it_is_promoted(
         primary.kill()
 
 
-def test_worker_waits_while_restarted_redis_loads_its_data(tmp_path: Path, app_on: Callable[[str], Flask]) -> None:
+def test_worker_waits_while_restarted_redis_loads_its_data(
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
+) -> None:
     """Persistent Redis SIGKILLed under a backlog, restarted with a dataset that takes seconds to load:
     the worker logs LOADING once, waits, and handles every event exactly once."""
     # An fsync'd AOF whose base is an RDB of 60,000 filler keys, each read back 50 us slower than
@@ -212,7 +231,7 @@ def test_worker_waits_while_restarted_redis_loads_its_data(tmp_path: Path, app_o
     server = RedisProcess(persistent=True, args=("--key-load-delay", "50",
                                                  "--loading-process-events-interval-bytes", "1024"))
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     for first in range(0, 60_000, 10_000):
         conn.mset({f"filler:{i}": "x" for i in range(first, first + 10_000)})
     conn.bgrewriteaof()
@@ -227,7 +246,7 @@ def test_worker_waits_while_restarted_redis_loads_its_data(tmp_path: Path, app_o
         server.kill()
         server.start(until_loaded=False)
         restarted = time.monotonic()
-        probe = redis.Redis.from_url(server.url, retry=None)
+        probe = client(server.url, retry=None)
         loaded = wait_for("the dataset to load", lambda: _writable(probe), 60, worker)
         wait_for("every event", lambda: len(handled(log)) >= total, 120, worker)
         drained = time.monotonic() - restarted
@@ -254,11 +273,13 @@ def _writable(conn: redis.Redis) -> bool:
         return False
 
 
-def test_worker_waits_while_a_script_keeps_redis_busy(tmp_path: Path, app_on: Callable[[str], Flask]) -> None:
+def test_worker_waits_while_a_script_keeps_redis_busy(
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
+) -> None:
     """A Lua script past busy-reply-threshold: the worker logs BUSY once and resumes after SCRIPT KILL."""
     server = RedisProcess()
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     conn.config_set("busy-reply-threshold", 100)
     log = tmp_path / "handled.log"
     total = 12_000
@@ -269,7 +290,7 @@ def test_worker_waits_while_a_script_keeps_redis_busy(tmp_path: Path, app_on: Ca
         wait_for("the worker to be under way", lambda: len(handled(log)) >= 3000, 60, worker)
         script.start()
         wait_for("the BUSY line", lambda: bool(lines_with(worker_log(log), "(BUSY)")), 30, worker)
-        redis.Redis.from_url(server.url, retry=None).script_kill()
+        client(server.url, retry=None).script_kill()
         killed = time.monotonic()
         script.join(10)
         wait_for("every event", lambda: len(handled(log)) >= total, 120, worker)
@@ -290,15 +311,17 @@ def test_worker_waits_while_a_script_keeps_redis_busy(tmp_path: Path, app_on: Ca
 def _spin(url: str) -> None:
     """Keep Redis busy in a Lua loop until SCRIPT KILL ends it."""
     # "Script killed by user with SCRIPT KILL"; or the server went away (the test failed)
-    with contextlib.suppress(redis.ResponseError, redis.ConnectionError):
-        redis.Redis.from_url(url, retry=None).eval("while true do end", 0)
+    with contextlib.suppress(redis.ResponseError, redis.ConnectionError), redis.Redis.from_url(url, retry=None) as conn:
+        conn.eval("while true do end", 0)
 
 
-def test_worker_denied_by_an_acl_exits_2_at_once(tmp_path: Path, app_on: Callable[[str], Flask]) -> None:
+def test_worker_denied_by_an_acl_exits_2_at_once(
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
+) -> None:
     """An ACL change that denies the worker's commands mid-run is not waited out: exit 2, one line naming NOPERM."""
     server = RedisProcess()
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     conn.acl_setuser("worker", enabled=True, passwords=["+s3cret-pw"], keys=["*"], channels=["*"], commands=["+@all"])
     url = f"redis://worker:s3cret-pw@127.0.0.1:{server.port}/0"
     log = tmp_path / "handled.log"
@@ -323,7 +346,7 @@ def test_worker_denied_by_an_acl_exits_2_at_once(tmp_path: Path, app_on: Callabl
 
 @pytest.mark.parametrize("down", [0, 7], ids=["restarted-at-once", "down-7s"])
 def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
-    tmp_path: Path, app_on: Callable[[str], Flask], down: float
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis], down: float
 ) -> None:
     """Redis without persistence SIGKILLed and restarted under a backlog: worker and app each log one WARNING
     naming the restart, the worker is listed again (rq info), and events emitted after it are all handled.
@@ -332,7 +355,7 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
     unlisted); down for 7 s, past redis-py's retries, the worker's loop ends and it waits for Redis."""
     server = RedisProcess()
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     log = tmp_path / "handled.log"
     handler = Recorded(logging.WARNING)
     records = handler.records
@@ -381,13 +404,13 @@ def test_redis_restarted_empty_is_reported_and_the_worker_registers_again(
 
 
 def test_idle_worker_waits_for_redis_with_one_line_and_registers_again(
-    tmp_path: Path, app_on: Callable[[str], Flask]
+    tmp_path: Path, app_on: Callable[[str], Flask], client: Callable[..., redis.Redis]
 ) -> None:
     """An idle worker whose Redis is down 7 s (past redis-py's own retries) and back empty: one line while it
     waits, one when Redis takes writes, one WARNING naming the restart; it is listed again and runs new events."""
     server = RedisProcess()
     server.start()
-    conn = redis.Redis.from_url(server.url)
+    conn = client(server.url)
     log = tmp_path / "handled.log"
     app = app_on(server.url)
     worker = start_worker(fault_env(server.url, log, tmp_path / "worker.sqlite3"))

@@ -274,12 +274,12 @@ class FaultAwareWorker(BaseWorker):
                 for queue in self.queues:
                     pipe.llen(queue.key)
                 replies = pipe.execute()
+            queued_before, self.queued_seen = self.queued_seen, sum(replies[4:])
+            self._pubsub_failing = False  # Redis answers: the channel's next loss gets its line
+            if not replies[3]:
+                self.register_again(queued_before)
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
-        queued_before, self.queued_seen = self.queued_seen, sum(replies[4:])
-        self._pubsub_failing = False  # Redis answers: the channel's next loss gets its line
-        if not replies[3]:
-            self.register_again(queued_before)
 
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
         # rq 3.0 BaseWorker._pubsub_exception_handler: the thread that listens for `rq` commands

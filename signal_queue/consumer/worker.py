@@ -41,6 +41,7 @@ from .rq_compat import (
     CompatQueue,
     CompatWorker,
     FaultAwareWorker,
+    RedisFault,
     defer_maintenance,
     retire_worker,
     stop_requested,
@@ -203,16 +204,21 @@ def run_worker(
         after_fault = False
         pause = 1.0
         while True:
-            worker = build_worker(consumer, queues, url=url, worker_class=worker_class, name=name)
-            if isinstance(worker, FaultAwareWorker):
-                worker.on_registration_lost = functools.partial(_registered_again, worker, watch)
-            if after_fault:
-                defer_maintenance(worker)
+            worker: Worker | SimpleWorker | None = None
+            started = time.monotonic()
             fault: BaseException | None = None
             try:
+                # Building an RQ worker talks to Redis too (CLIENT SETNAME), which may fail again.
+                worker = build_worker(consumer, queues, url=url, worker_class=worker_class, name=name)
+                if isinstance(worker, FaultAwareWorker):
+                    worker.on_registration_lost = functools.partial(_registered_again, worker, watch)
+                if after_fault:
+                    defer_maintenance(worker)
                 worked = worker.work(
                     burst=burst, logging_level=logging_level, max_jobs=max_jobs, with_scheduler=with_scheduler
                 )
+            except RedisFault as exc:  # out of RQ's loop, where it is not caught (not a stop request)
+                fault = exc.error
             except redis.RedisError as exc:  # RQ's start (register_birth) or teardown (register_death)
                 fault = getattr(worker, "redis_fault", None) or exc
             else:
@@ -226,19 +232,20 @@ def run_worker(
                                            "stopped, is queued again", returned)
                 if stop_requested(worker) or (fault is None and (burst or max_jobs is not None)):
                     return worked
-            if stop_requested(worker):
+            if worker is not None and stop_requested(worker):
                 return False
             cause = transient_cause(fault) if fault is not None else None
             if cause is not None:
                 assert fault is not None
                 watch.wait_writable(then="starting a new worker", stopped_by=(cause, fault))
-                retire_worker(worker)  # its teardown could not unregister it
-                pause = 1.0
+                if worker is not None:
+                    retire_worker(worker)  # its teardown could not unregister it
             elif fault is not None and is_refusal(fault):
                 raise watch.refused(fault)
             else:
                 # RQ logged the error with its traceback ("found an unhandled exception"); it is
                 # not Redis's, so nothing here says Redis failed.
+                pause = 1.0 if time.monotonic() - started > 60 else pause
                 logger.warning(
                     "signal_queue: the worker stopped after an error%s (see the traceback above); "
                     "starting a new worker in %.0f s",
@@ -249,11 +256,21 @@ def run_worker(
                 watch.wait_writable(then="starting a new worker")
             after_fault = cause is not None
             watch.check_data(getattr(worker, "queued_seen", None))
-            if isinstance(worker, SignalWorker) and (returned := worker.return_untaken_job()):
-                logger.warning("signal_queue: job %s, taken but never started when Redis went away, is queued again",
-                               returned)
+            if isinstance(worker, SignalWorker):
+                _return_untaken_job(worker)
     except StopRequested:  # SIGTERM while waiting for Redis
         return False
+
+
+def _return_untaken_job(worker: SignalWorker) -> None:
+    try:
+        returned = worker.return_untaken_job()
+    except redis.RedisError as exc:  # Redis failed again: RQ's own clean-up returns it within a minute
+        logger.warning("signal_queue: could not queue again the job taken before Redis went away: %s", exc)
+        return
+    if returned:
+        logger.warning("signal_queue: job %s, taken but never started when Redis went away, is queued again",
+                       returned)
 
 
 def _registered_again(worker: FaultAwareWorker, watch: RedisWatch, queued_before: int | None) -> None:
