@@ -72,6 +72,8 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_QUEUE``: default RQ queue name.
         - ``SIGNAL_QUEUE_QUEUES``: the queues in the order workers take from them (priority first).
         - ``SIGNAL_QUEUE_REDACT_HEADERS``: header names whose values are replaced.
+        - ``SIGNAL_QUEUE_REDACT_FIELDS``: words that make a kwarg, dict key, model column or attribute
+          secret (``password``, ``token``...): its value is sent as ``[REDACTED]``.
         - ``SIGNAL_QUEUE_EAGER``: run handlers inline after a JSON round trip (tests).
         - ``SIGNAL_QUEUE_RETRY``, ``SIGNAL_QUEUE_JOB_TIMEOUT``: defaults for ``@deferred``.
         - ``SIGNAL_QUEUE_RESULT_TTL``, ``SIGNAL_QUEUE_FAILURE_TTL``: how long RQ keeps records.

@@ -41,6 +41,10 @@ DEFAULT_REDACT_HEADERS = (
     "X-XSRF-Token",
 )
 
+#: Words that make a field secret (a kwarg, a dict key, a model column, an attribute of ``g`` or of a
+#: user), matched in its name lower-cased without ``_ - .``: its value is sent as "[REDACTED]".
+DEFAULT_REDACT_FIELDS = ("password", "passwd", "secret", "token", "apikey", "privatekey", "credential", "totp")
+
 #: Every key the extension reads, with its default. A key not set in the app's
 #: config is taken from the environment variable of the same name, if set.
 DEFAULTS: dict[str, Any] = {
@@ -48,6 +52,7 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_QUEUE": "signals",
     "SIGNAL_QUEUE_QUEUES": (),
     "SIGNAL_QUEUE_REDACT_HEADERS": DEFAULT_REDACT_HEADERS,
+    "SIGNAL_QUEUE_REDACT_FIELDS": DEFAULT_REDACT_FIELDS,
     "SIGNAL_QUEUE_EAGER": False,
     "SIGNAL_QUEUE_RETRY": 0,
     "SIGNAL_QUEUE_JOB_TIMEOUT": 180,
@@ -95,6 +100,7 @@ class SignalQueueState(Producer):
         self._config = config
         codec = Codec(
             _names(config, "SIGNAL_QUEUE_REDACT_HEADERS"),
+            redact_fields=_names(config, "SIGNAL_QUEUE_REDACT_FIELDS"),
             max_body=_int(config, "SIGNAL_QUEUE_MAX_RESPONSE_BODY", minimum=0),
             globals_class=app.app_ctx_globals_class,
             carriers=(UserCarrier(), ModelCarrier(), IdentityCarrier()),

@@ -23,7 +23,7 @@ from typing import Any
 from flask import Flask, Request, g, has_app_context, has_request_context, request
 
 from ..exceptions import PayloadError
-from ..wire.codec import Codec, Unserializable
+from ..wire.codec import REDACTED, Codec, Unserializable
 from ..wire.event import FORMAT_VERSION, REQUEST_ID_ENVIRON_KEY, new_id
 from ..wire.receivers import DeferredReceiver
 
@@ -109,6 +109,9 @@ def capture_g(codec: Codec, g_obj: Any) -> dict[str, Any]:
     captured: dict[str, Any] = {}
     for name, value in g_obj.__dict__.items():
         if name[0] == "_":
+            continue
+        if codec.secret(name):
+            captured[name] = REDACTED
             continue
         if type(value) is str:
             captured[name] = value
@@ -302,7 +305,11 @@ def build_event(
     """
     encoded = kwargs
     size = 0
-    for value in kwargs.values():
+    for key, value in kwargs.items():
+        if codec.secret(key):
+            encoded = _encode_kwargs(codec, receiver, kwargs, lenient)
+            size = _json_size_bound(encoded)
+            break
         if type(value) is str:
             size += _json_size_bound(value)
         elif type(value) not in _PLAIN:
@@ -387,12 +394,12 @@ def _encode_kwargs(codec: Codec, receiver: DeferredReceiver, kwargs: dict[str, A
         encoded = {}
         for key, value in kwargs.items():
             try:
-                encoded[key] = codec.encode(value, key)
+                encoded[key] = REDACTED if codec.secret(key) else codec.encode(value, key)
             except Unserializable as exc:
                 encoded[key] = codec.unsendable(exc)
         return encoded
     try:
-        return {key: codec.encode(value, key) for key, value in kwargs.items()}
+        return {key: REDACTED if codec.secret(key) else codec.encode(value, key) for key, value in kwargs.items()}
     except Unserializable as exc:
         raise PayloadError(
             f"signal {receiver.signal_name!r}, deferred receiver {receiver.name!r}: "

@@ -157,7 +157,8 @@ class Codec:
     """Encodes values for a queue and decodes them in a worker.
 
     ``redact_headers`` names (lower case) the request and response headers whose values
-    are replaced by ``[REDACTED]``; ``max_body`` caps the response body kept;
+    are replaced by ``[REDACTED]``; ``redact_fields`` are the words that make a field secret
+    (see :meth:`secret`): its value never leaves the process; ``max_body`` caps the response body kept;
     ``globals_class`` is the app's ``app_ctx_globals_class`` (the type of ``g``);
     ``carriers`` carry what nothing else does (see :class:`Carrier`), tried in order.
     """
@@ -165,11 +166,14 @@ class Codec:
     def __init__(
         self,
         redact_headers: Iterable[str] = (),
+        redact_fields: Iterable[str] = (),
         max_body: int = 64 * 1024,
         globals_class: type = Flask.app_ctx_globals_class,
         carriers: Sequence[Carrier] = (),
     ) -> None:
         self.redact_headers = frozenset(h.lower() for h in redact_headers)
+        self.redact_fields = tuple(_normalized(f) for f in redact_fields if _normalized(f))
+        self._secret_names: dict[str, bool] = {}
         self.max_body = max_body
         self.carriers = list(carriers)
         self._carriers_by_tag = {c.tag: c for c in self.carriers}
@@ -213,7 +217,7 @@ class Codec:
             for k, v in value.items():
                 if not isinstance(k, str):
                     raise Unserializable(f"{key}[{k!r}]", k, "dict keys must be strings")
-                encoded[k] = self.encode(v, f"{key}[{k!r}]", depth + 1)
+                encoded[k] = REDACTED if self.secret(k) else self.encode(v, f"{key}[{k!r}]", depth + 1)
             if TAG in encoded:
                 return {TAG: "dict", "items": encoded}
             return encoded
@@ -228,6 +232,18 @@ class Codec:
             if encoded is not NOT_MINE:
                 return encoded
         raise Unserializable(key, value)
+
+    def secret(self, name: str) -> bool:
+        """Whether a field (a kwarg, a dict key, a model column, an attribute of ``g`` or of a user)
+        holds a secret: its name, lower case without ``_``, ``-``, ``.`` and spaces, contains one of
+        ``redact_fields`` (``password_hash``, ``form_data["password"]``, ``reset_token``...)."""
+        hit = self._secret_names.get(name)
+        if hit is None:
+            normalized = _normalized(name)
+            hit = any(word in normalized for word in self.redact_fields)
+            if len(self._secret_names) < 10_000:  # names are few; a flood of new ones is not remembered
+                self._secret_names[name] = hit
+        return hit
 
     @staticmethod
     def unsendable(error: Unserializable) -> dict[str, Any]:
@@ -446,6 +462,10 @@ _CONTAINERS: dict[str, Callable[[Codec, Mapping[str, Any], int], Any]] = {
 
 def _refuse_unsendable(value: Mapping[str, Any]) -> Any:
     raise ValueError(f"kwarg {value.get('key')} could not be carried to the worker: {value.get('reason')}")
+
+
+def _normalized(name: str) -> str:
+    return "".join(ch for ch in name.lower() if ch not in "_-. ")
 
 
 def _safe_str(obj: object) -> str:

@@ -18,7 +18,7 @@ import contextlib
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import NOT_MINE, TAG, Codec, Unserializable, resolve_loaded
+from .codec import NOT_MINE, REDACTED, TAG, Codec, Unserializable, resolve_loaded
 
 try:
     import sqlalchemy
@@ -52,7 +52,7 @@ def encode_columns(codec: Codec, value: Any, state: Any, key: str, depth: int) -
                 current = getattr(value, name)
             except Exception:  # expired on a deleted row, detached...: not known at emit
                 continue
-        columns[name] = codec.encode(current, f"{key}.{name}", depth + 1)
+        columns[name] = REDACTED if codec.secret(name) else codec.encode(current, f"{key}.{name}", depth + 1)
     return {TAG: "model", "class": f"{cls.__module__}:{cls.__qualname__}", "columns": columns}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import NOT_MINE, TAG, Codec, Unserializable, resolve_loaded
+from .codec import NOT_MINE, REDACTED, TAG, Codec, Unserializable, resolve_loaded
 
 try:
     from flask_principal import Identity, ItemNeed, Need
@@ -44,7 +44,7 @@ class IdentityCarrier:
             if name.startswith("_") or name in _OWN:
                 continue
             try:
-                extra[name] = codec.encode(attr, f"{key}.{name}", depth + 1)
+                extra[name] = REDACTED if codec.secret(name) else codec.encode(attr, f"{key}.{name}", depth + 1)
             except Unserializable:
                 continue  # what cannot be carried is left out, as for g
         return {

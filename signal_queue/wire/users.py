@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import current_app, has_app_context
 
-from .codec import NOT_MINE, TAG, Codec, Unserializable, resolve_loaded
+from .codec import NOT_MINE, REDACTED, TAG, Codec, Unserializable, resolve_loaded
 from .models import encode_columns, instance_state, rebuild
 
 
@@ -65,7 +65,7 @@ class UserCarrier:
                 if name.startswith("_"):
                     continue
                 try:
-                    attrs[name] = codec.encode(attr, f"{key}.{name}", depth + 1)
+                    attrs[name] = REDACTED if codec.secret(name) else codec.encode(attr, f"{key}.{name}", depth + 1)
                 except Unserializable:
                     continue  # what cannot be carried is left out, as for g
         return {
