@@ -66,7 +66,7 @@ def create_app() -> Flask:
         identity = Identity(user_id, "token")
         identity.provides.update({RoleNeed("admin"), ItemNeed("update", 27, "posts"), ("custom", "need")})
         identity.display_name = "Ada"
-        identity.session_token = object()  # not carried: left out
+        identity.session_token = object()  # named like a secret: sent as [REDACTED], whatever it is
         elevated.send("security", identity=identity)
         return "elevated"
 
