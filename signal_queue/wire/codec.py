@@ -16,7 +16,7 @@ import datetime as dt
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
@@ -244,6 +244,24 @@ class Codec:
             if len(self._secret_names) < 10_000:  # names are few; a flood of new ones is not remembered
                 self._secret_names[name] = hit
         return hit
+
+    def encode_attributes(
+        self, attributes: Mapping[str, Any], key: str, depth: int, skip: Container[str] = ()
+    ) -> dict[str, Any]:
+        """An object's public attributes as a carrier sends them: secrets as ``[REDACTED]``, the rest
+        encoded, and what cannot be carried left out (as for ``g``)."""
+        encoded: dict[str, Any] = {}
+        for name, value in attributes.items():
+            if name.startswith("_") or name in skip:
+                continue
+            if self.secret(name):
+                encoded[name] = REDACTED
+                continue
+            try:
+                encoded[name] = self.encode(value, f"{key}.{name}", depth + 1)
+            except Unserializable:
+                continue
+        return encoded
 
     @staticmethod
     def unsendable(error: Unserializable) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import NOT_MINE, REDACTED, TAG, Codec, Unserializable, resolve_loaded
+from .codec import NOT_MINE, TAG, Codec, resolve_loaded
 
 try:
     from flask_principal import Identity, ItemNeed, Need
@@ -39,14 +39,7 @@ class IdentityCarrier:
             return NOT_MINE
         cls = type(value)
         needs = [_encode_need(codec, need, f"{key}.provides", depth + 1) for need in value.provides]
-        extra: dict[str, Any] = {}
-        for name, attr in vars(value).items():
-            if name.startswith("_") or name in _OWN:
-                continue
-            try:
-                extra[name] = REDACTED if codec.secret(name) else codec.encode(attr, f"{key}.{name}", depth + 1)
-            except Unserializable:
-                continue  # what cannot be carried is left out, as for g
+        extra = codec.encode_attributes(vars(value), key, depth, skip=_OWN)
         return {
             TAG: "identity",
             "class": f"{cls.__module__}:{cls.__qualname__}",

@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import current_app, has_app_context
 
-from .codec import NOT_MINE, REDACTED, TAG, Codec, Unserializable, resolve_loaded
+from .codec import NOT_MINE, TAG, Codec, Unserializable, resolve_loaded
 from .models import encode_columns, instance_state, rebuild
 
 
@@ -60,14 +60,7 @@ class UserCarrier:
         if state is not None:
             attrs: Any = encode_columns(codec, value, state, key, depth)
         else:
-            attrs = {}
-            for name, attr in vars(value).items():
-                if name.startswith("_"):
-                    continue
-                try:
-                    attrs[name] = REDACTED if codec.secret(name) else codec.encode(attr, f"{key}.{name}", depth + 1)
-                except Unserializable:
-                    continue  # what cannot be carried is left out, as for g
+            attrs = codec.encode_attributes(vars(value), key, depth)
         return {
             TAG: "user",
             "id": None if user_id is None else str(user_id),
