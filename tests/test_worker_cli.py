@@ -93,7 +93,9 @@ def test_rq_info_shows_the_queue_and_the_running_worker(conn: redis.Redis, redis
         seen = ""
         while time.monotonic() < deadline:
             seen = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
-            if "sq-info-test" in seen and len(records(conn)) == 3:
+            # The receivers write their records before the worker marks the job finished: wait for both.
+            finished = re.search(r"^signals\s+\|\D*0, 0 executing, 1 finished, 0 failed", seen, re.M)
+            if "sq-info-test" in seen and len(records(conn)) == 3 and finished:
                 break
             time.sleep(0.1)
         assert "sq-info-test" in seen, seen
