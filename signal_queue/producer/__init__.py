@@ -4,5 +4,6 @@
 - :mod:`.emit`: the forwarding receivers' body and the app's :class:`~.emit.Producer`;
 - :mod:`.outbox`: delivery modes and the background sender thread;
 - :mod:`.dispatcher`: batched RQ jobs in one pipeline, the circuit breaker;
-- :mod:`.spool`: the outage spool on the app's disk.
+- :mod:`.spool`: the outage spool on the app's disk;
+- :mod:`.ledger`: the host's counts of spooled, lost and dropped events, next to the spool.
 """
