@@ -24,6 +24,7 @@ import redis
 from devtools.redis_process import RedisProcess
 from devtools.redis_proxy import CutRule, RedisProxy
 from tests.conftest import ROOT
+from tests.test_faults import stop
 
 APP = "tests.fetch_app:create_app()"
 ABANDONED_AFTER = 4
@@ -92,29 +93,27 @@ def handled(log: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def outcome(log: Path, count: int, deadline: float) -> tuple[int, int, list[list[str]]]:
-    """Wait until every event ran once (or the deadline): (events lost, events run twice, the lines)."""
+def settled(conn: redis.Redis) -> bool:
+    """Nothing left that could run again: no job queued, taken, held or started."""
+    for pattern in ("rq:queue:*", "sq:hold:*"):
+        if any(conn.llen(key) for key in conn.scan_iter(pattern, _type="list")):
+            return False
+    return not any(conn.zcard(key) for pattern in ("sq:taken:*", "rq:wip:*") for key in conn.scan_iter(pattern))
+
+
+def outcome(log: Path, count: int, deadline: float, url: str) -> tuple[int, int, list[list[str]]]:
+    """Wait until every event ran once and nothing could run again (or the deadline):
+    (events lost, events run twice, the lines)."""
+    conn = redis.Redis.from_url(url)
     end = time.monotonic() + deadline
     while time.monotonic() < end:
-        if len({row[1] for row in handled(log)}) >= count:
+        if len({row[1] for row in handled(log)}) >= count and settled(conn):
             break
         time.sleep(0.05)
-    time.sleep(0.3)  # a duplicate would follow on the heels of the first run
+    conn.close()
     rows = handled(log)
     runs = collections.Counter(row[1] for row in rows)
     return count - len(runs), sum(c - 1 for c in runs.values()), rows
-
-
-def stop(*procs: subprocess.Popen[bytes]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 @pytest.mark.parametrize("queues", [2, 1])
@@ -144,7 +143,7 @@ def test_lost_reply_of_a_take_loses_and_repeats_nothing(tmp_path: Path, queues: 
         conn = redis.Redis.from_url(server.url)
         wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
         emit(server.url, log, 12, queues)
-        lost, twice, rows = outcome(log, 12, deadline=25)
+        lost, twice, rows = outcome(log, 12, deadline=25, url=server.url)
         ran_at = {row[4]: float(row[5]) for row in rows}
         recovery = {job: ran_at[job] - at for job, at in cut_at.items() if job in ran_at}
         print(
@@ -195,7 +194,7 @@ def test_job_of_a_taker_killed_before_the_reply_runs_within_the_abandoned_bound(
         emit(server.url, log, 4, queues)
         wait_until("the cut", lambda: bool(cut_at), 30)
         second = start_worker(server.url, log, queues, "fetch-rescuer")
-        lost, twice, rows = outcome(log, 4, deadline=30)
+        lost, twice, rows = outcome(log, 4, deadline=30, url=server.url)
         [(job, killed_at)] = cut_at.items()
         ran = [float(row[5]) for row in rows if row[4] == job]
         recovered_in = ran[0] - killed_at if ran else None
@@ -249,7 +248,7 @@ def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Pat
         held = sum(conn.llen(k) for k in conn.keys("sq:hold:*")) + sum(
             conn.llen(f"rq:queue:{q}:intermediate") for q in ("signals", "second"))
         second = start_worker(server.url, log, queues, "fetch-next")
-        lost, twice, _ = outcome(log, 4, deadline=20)
+        lost, twice, _ = outcome(log, 4, deadline=20, url=server.url)
         print(f"\nstopped mid-take ({queues} queue(s)): events lost {lost}, run twice {twice}; the job "
               f"{'ran before the stop' if ran_first else 'was back in its queue' if given_back else 'was neither'}")
         assert ran_first or given_back, "the stopping worker ran the job or gave it back to its queue"

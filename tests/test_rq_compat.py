@@ -154,7 +154,10 @@ def test_an_idle_wait_wakes_when_any_queue_gets_a_job_and_takes_nothing_meanwhil
 
     thread = threading.Thread(target=take)
     thread.start()
-    time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while conn.info("clients")["blocked_clients"] < len(names) and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll until every queue's wait has blocked in Redis
+    assert conn.info("clients")["blocked_clients"] >= len(names), "the take is waiting on every queue"
     assert not done and conn.llen(f"rq:queue:{names[-1]}") == 0
     app = create_app(SIGNAL_QUEUE_QUEUE=names[-1])
     with app.app_context():
