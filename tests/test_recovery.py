@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -272,3 +273,49 @@ def test_metrics_view_serves_prometheus_text(conn: redis.Redis) -> None:
     body = response.get_data(as_text=True)
     assert "\nsignal_queue_enqueued_total 1\n" in body
     assert "\nsignal_queue_process_emitted_total 1\n" in body
+
+
+HOST_A = """
+import sys
+from tests.misc_app import create_app
+app = create_app()
+client = app.test_client()
+for i in range(int(sys.argv[1])):
+    assert client.get(f"/emit/host-a-{i}").status_code == 200
+app.extensions["signal_queue"].outbox.flush()
+print("spooled", flush=True)
+sys.stdin.read()  # alive until killed, as a host that goes away with its app running
+"""
+
+
+def test_spool_of_a_dead_host_is_replayed_on_another_host(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
+    """Host A spools during an outage and dies; its spool file, copied elsewhere, is replayed once."""
+    host_a, rescue = tmp_path / "host-a", tmp_path / "rescue"
+    host_a.mkdir()
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT), SIGNAL_QUEUE_SPOOL_PATH=str(host_a / "spool.sqlite3"),
+        SIGNAL_QUEUE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # Redis unreachable from host A
+    )
+    with subprocess.Popen(
+        [sys.executable, "-c", HOST_A, "25"], cwd=ROOT, env=env, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    ) as app_a:
+        try:
+            assert app_a.stdout is not None and app_a.stdout.readline().strip() == "spooled"
+        finally:
+            app_a.kill()  # SIGKILL: no atexit, no clean close of the SQLite file
+            app_a.wait(timeout=30)
+    # The host is gone; its disk is mounted elsewhere: copy what was on it (the WAL files included).
+    shutil.copytree(host_a, rescue)
+    spool = rescue / "spool.sqlite3"
+
+    out = flask_cli(redis_url, spool, "replay", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"spool": str(spool), "replayed": 25, "skipped": 0, "left": 0}
+    # Someone replays the original disk too: the batches are in Redis already and not sent again.
+    twice = flask_cli(redis_url, host_a / "spool.sqlite3", "replay", "--json")
+    assert json.loads(twice.stdout) == {"spool": str(host_a / "spool.sqlite3"), "replayed": 0, "skipped": 25, "left": 0}
+
+    run_worker(APP, redis_url)
+    values = sorted(r["kwargs"]["value"] for r in records(conn))
+    assert values == sorted(f"host-a-{i}" for i in range(25)), "each event of host A handled exactly once"
