@@ -1,0 +1,107 @@
+"""Delivery lag: from the emit to the handler's start, at steady rates, one app process and one worker.
+
+    python benchmarks/delivery_lag.py [--rates 10 100 1000 5000 10000] [--seconds 3]
+
+The app (``benchmarks/lag_app.py``, default configuration) runs in this
+process and emits at a steady rate, inside a request context, 5 events per
+request; one default worker (``worker.py``, its own process) runs the
+receiver, which notes ``time.time() - sent_at``. For each rate: p50, p99 and
+max lag, the rate actually reached, and how long the worker took to finish
+after the last emit (a worker that keeps up finishes at once). Nothing here
+asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devtools.redis_process import RedisProcess  # noqa: E402
+
+server = RedisProcess()
+server.start()
+os.environ["SIGNAL_QUEUE_REDIS_URL"] = server.url
+ENV = dict(os.environ, PYTHONPATH=str(ROOT))
+
+import redis  # noqa: E402
+
+from benchmarks import lag_app  # noqa: E402
+
+PER_REQUEST = 5
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]:
+    conn.delete(lag_app.LAGS)
+    total = max(PER_REQUEST * 10, int(rate * seconds)) // PER_REQUEST * PER_REQUEST
+    interval = PER_REQUEST / rate  # one request's 5 emits together, as a view sends them
+    start = time.perf_counter()
+    with lag_app.app.app_context():
+        for i in range(total // PER_REQUEST):
+            due = start + i * interval
+            while (ahead := due - time.perf_counter()) > 0:
+                if ahead > 0.002:
+                    time.sleep(ahead - 0.001)
+            with lag_app.app.test_request_context(f"/orders/{i}?user=alice", headers={"User-Agent": "bench"}):
+                for _ in range(PER_REQUEST):
+                    lag_app.tick.send("bench", sent_at=time.time())
+    emitted = time.perf_counter()
+    deadline = time.monotonic() + 120
+    while conn.llen(lag_app.LAGS) < total:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"at {rate}/s not every event ran: {conn.llen(lag_app.LAGS)} of {total}")
+        time.sleep(0.001)
+    finished = time.perf_counter()
+    lags = sorted(float(x) * 1000 for x in conn.lrange(lag_app.LAGS, 0, -1))
+    return {
+        "events": total, "reached": total / (emitted - start), "p50": percentile(lags, 0.5),
+        "p99": percentile(lags, 0.99), "max": lags[-1], "tail_s": finished - emitted,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rates", type=float, nargs="*", default=[10, 100, 1000, 5000, 10000])
+    parser.add_argument("--seconds", type=float, default=3.0, help="seconds of emits per rate (at least 50 events)")
+    args = parser.parse_args()
+    conn = redis.Redis.from_url(server.url)
+    worker = subprocess.Popen(
+        [sys.executable, "worker.py", "--app", "benchmarks.lag_app:app", "--logging-level", "WARNING"],
+        cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    rows = []
+    try:
+        deadline = time.monotonic() + 30
+        while conn.scard("rq:workers") == 0:
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise SystemExit("the worker did not start")
+            time.sleep(0.05)
+        run_rate(conn, 200, 0.5)  # warm up both sides
+        for rate in args.rates:
+            rows.append((rate, run_rate(conn, rate, args.seconds)))
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        server.stop()
+    print(f"\n{'rate/s':>8} {'reached/s':>10} {'events':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
+          f"{'drain after s':>14}")
+    for rate, r in rows:
+        print(f"{rate:8.0f} {r['reached']:10.0f} {r['events']:7.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
+              f"{r['max']:8.2f} {r['tail_s']:14.3f}")
+    print(f"\none app process (this one), one worker; {PER_REQUEST} emits per request; "
+          f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""App-process CPU per deferred event: the request thread and the sender thread together.
+
+    python benchmarks/emit_cpu.py [--requests 10000] [--n 5] [--rounds 3]
+
+Runs the benchmark app's view (``benchmarks/apps.py``) through the Flask test
+client, ``--requests`` times with N emits each, and reads the process's CPU
+time (``getrusage(RUSAGE_SELF)``: every thread) around the loop plus the final
+flush, so the sender's work is counted. The same loop on the no-receiver
+baseline, in the same run, is subtracted:
+
+    CPU per event = (CPU(signal_queue) - CPU(baseline)) / (requests * N)
+
+The request thread's own share (``time.thread_time``) is printed beside it.
+Each variant runs ``--rounds`` times; the lowest figure is kept (the least
+disturbed by other load). Nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from benchmarks.apps import make_app  # noqa: E402
+from devtools.redis_process import RedisProcess  # noqa: E402
+from signal_queue import SignalQueue  # noqa: E402
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(variant: str, n: int, url: str, requests: int) -> tuple[float, float, float]:
+    """(process CPU s, request-thread CPU s, wall s) for ``requests`` requests of ``variant``."""
+    app = make_app(variant, n, url)
+    client = app.test_client()
+    state = app.extensions.get("signal_queue")
+    for i in range(300):  # warm up: the sender thread, connections, caches
+        client.get(f"/orders/{i}?user=alice", buffered=True)
+    if state is not None:
+        state.outbox.flush()
+    start_cpu, start_thread, start_wall = cpu(), time.thread_time(), time.perf_counter()
+    for i in range(requests):
+        client.get(f"/orders/{i}?user=alice", buffered=True)
+    thread = time.thread_time() - start_thread
+    if state is not None:
+        state.outbox.flush()
+        # the sender may still be between its take and its send: wait until Redis has them all
+        conn = redis.Redis.from_url(url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and int(conn.hget("sq:stats", "enqueued") or 0) < (requests + 300) * n:
+            time.sleep(0.001)
+    result = cpu() - start_cpu, thread, time.perf_counter() - start_wall
+    if state is not None:
+        SignalQueue.close(app)
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--n", type=int, default=5, help="emits per request")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    server = RedisProcess()
+    server.start()
+    try:
+        best: dict[str, tuple[float, float, float]] = {}
+        for _ in range(args.rounds):
+            for variant in ("baseline", "signal_queue", "inline_append"):
+                redis.Redis.from_url(server.url).flushall()
+                got = run(variant, args.n, server.url, args.requests)
+                if variant not in best or got[0] < best[variant][0]:
+                    best[variant] = got
+    finally:
+        server.stop()
+    events = args.requests * args.n
+    base_cpu, base_thread, _ = best["baseline"]
+    print(f"{args.requests} requests x {args.n} emits = {events} events; lowest of {args.rounds} rounds")
+    print(f"{'variant':16} {'CPU s':>7} {'req thread s':>13} {'us/request':>11} {'us/event (minus baseline)':>27}")
+    for variant, (total, thread, _wall) in best.items():
+        per_event = (total - base_cpu) / events * 1e6
+        thread_per_event = (thread - base_thread) / events * 1e6
+        print(f"{variant:16} {total:7.2f} {thread:13.2f} {total / args.requests * 1e6:11.1f} "
+              f"{per_event:10.2f} (request thread {thread_per_event:.2f})")
+    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
