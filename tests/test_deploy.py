@@ -108,7 +108,18 @@ def test_dashboard_takes_its_login_from_the_environment_and_reads_json() -> None
     env = COMPOSE["services"]["dashboard"]["environment"]
     assert env["RQ_DASHBOARD_USERNAME"] == "${RQ_DASHBOARD_USERNAME:-}"
     assert env["RQ_DASHBOARD_PASSWORD"] == "${RQ_DASHBOARD_PASSWORD:-}"
-    assert env["RQ_DASHBOARD_JSON"] == "true"
+    assert env["RQ_DASHBOARD_JSON"] == "true"  # `python3 -m rq_dashboard`'s --json
+    assert env["RQ_DASHBOARD_JSON_SERIALIZER"] == "true"  # rq_dashboard.app:create_app's
+
+
+def test_dashboard_mounts_the_settings_file_that_reads_workers_as_json() -> None:
+    """RQ_DASHBOARD_SETTINGS names where the service mounts deploy/rq_dashboard_settings.py (read-only):
+    rq-dashboard reads busy workers' jobs with pickle without it (tests/test_dashboard.py runs it)."""
+    service = COMPOSE["services"]["dashboard"]
+    mounts = {container: (host, mode) for host, container, mode in (v.split(":") for v in service["volumes"])}
+    host, mode = mounts[service["environment"]["RQ_DASHBOARD_SETTINGS"]]
+    assert (host, mode) == ("./deploy/rq_dashboard_settings.py", "ro")
+    assert (ROOT / host).is_file()
 
 
 def _demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,7 @@ import contextvars
 import datetime as dt
 import functools
 import inspect
+import json
 import logging
 import signal
 import threading
@@ -53,6 +54,7 @@ from ..wire.keys import (
 )
 from ..wire.receivers import DeferredReceiver, muted, receivers
 from .context import handling, rebuilt_context
+from .labels import describe_event, emitted_at, event_meta
 from .redis_faults import describe, transient_cause
 from .rq_compat import record_failure_result
 
@@ -266,6 +268,8 @@ def run_event(payload: Any) -> None:
     [outcome] = outcomes
     _log_event(payload, attempt, outcome)
     _count(job, "handled" if outcome.kind == HANDLED else "failed")
+    if outcome.kind != HANDLED and job is not None:
+        _label(consumer, job, payload, attempt)
     if outcome.exception is not None:
         raise outcome.exception
     if outcome.failure is not None:
@@ -276,6 +280,24 @@ def run_event(payload: Any) -> None:
             {"module": failure.module, "qualname": failure.qualname, "args": None, "message": failure.message,
              "traceback": failure.text, "notes": [], "format_only": ""}
         ) from HandlerTraceback(failure.text)
+
+
+def _label(consumer: Consumer, job: Job, payload: Any, attempt: int) -> None:
+    """Name the request in a failing single-event job's description and meta, with this attempt.
+
+    RQ saves the description with the rest of the job when it records the failure or the
+    retry; the meta, which RQ's failure path leaves as it was, is written here (one write, on
+    failure only). A job requeued by another tool, or by an earlier release, gets them too.
+    """
+    job.description = describe_event(payload, consumer.codec)
+    job.meta = event_meta(payload, attempt)
+    with contextlib.suppress(redis.RedisError):  # RQ's own bookkeeping of the failure reports Redis away
+        job.connection.hset(job.key, "meta", _json_meta(job.meta))
+
+
+def _json_meta(meta: dict[str, Any]) -> bytes:
+    """A job's meta as RQ's JSON serializer writes it (our jobs' serializer; never pickle)."""
+    return json.dumps(meta).encode("utf-8")
 
 
 def _count(job: Job | None, outcome: str) -> None:
@@ -315,7 +337,7 @@ def run_events(payloads: Any, requests: Any = None) -> None:
             marks.note(outcome.index, handled=False)
             record_failed_event(
                 consumer, job, with_request(payload, requests), receiver_of(payload), attempt,
-                outcome.failure.text, retryable=outcome.kind != REJECTED, marks=marks,
+                outcome.failure.text, retryable=outcome.kind != REJECTED, marks=marks, ran=wall_times(outcome),
             )
 
     try:
@@ -492,6 +514,14 @@ def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
     )
 
 
+def wall_times(outcome: Outcome) -> tuple[dt.datetime, dt.datetime]:
+    """When an event's handler started and ended (UTC), from its duration and monotonic end."""
+    now = dt.datetime.now(dt.timezone.utc)
+    late = time.monotonic() - outcome.finished_at if outcome.finished_at else 0.0
+    ended = now - dt.timedelta(seconds=max(late, 0.0))
+    return ended - dt.timedelta(seconds=max(outcome.seconds, 0.0)), ended
+
+
 def _exc_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
@@ -632,6 +662,7 @@ def record_failed_event(
     *,
     retryable: bool,
     marks: _DoneMarks | None = None,
+    ran: tuple[dt.datetime, dt.datetime] | None = None,
 ) -> None:
     """Give one failed event of a batch to RQ as its own job (id = event id).
 
@@ -641,6 +672,12 @@ def record_failed_event(
     registry with the error, where ``rq requeue`` or our ``requeue`` find it.
     The batch's done ``marks`` are saved in the same transaction, so a rerun of
     the batch cannot run the event again next to its own job.
+
+    The job reads as if RQ had run it alone: its description names the request
+    and its meta holds the event's facts (:mod:`.labels`); one recorded as
+    failed has the batch's creation and enqueue times and, as ``started_at`` and
+    ``ended_at``, when its handler ran (``ran``: start and end, UTC), so
+    rq-dashboard shows when it failed.
     """
     retry = (receiver.retry or consumer.default_retry) if retryable and receiver is not None else None
     event_id = payload.get("id") if isinstance(payload, dict) and isinstance(payload.get("id"), str) else None
@@ -657,9 +694,16 @@ def record_failed_event(
         result_ttl=consumer.result_ttl,
         failure_ttl=consumer.failure_ttl,
         retry=next_retry,
-        description=job.description if receiver is None else f"{receiver.signal_name} -> {receiver.name}",
+        description=describe_event(payload, consumer.codec),
+        meta=event_meta(payload, attempt),
         status=JobStatus.QUEUED if retries_left > 0 else JobStatus.FAILED,
     )
+    new.created_at = job.created_at or new.created_at
+    if retries_left <= 0:
+        started, ended = ran or (dt.datetime.now(dt.timezone.utc),) * 2
+        new.enqueued_at = job.enqueued_at or emitted_at(payload) or new.created_at
+        new.started_at, new.ended_at = started, ended
+        new.worker_name = job.worker_name
     with job.connection.pipeline() as pipe:
         if retries_left > 0:
             assert retry is not None
@@ -671,6 +715,7 @@ def record_failed_event(
                 queue.enqueue_job(new, pipeline=pipe)
         else:
             queue.failed_job_registry.add(new, ttl=consumer.failure_ttl, exc_string=exc_string, pipeline=pipe)
+            pipe.hset(new.key, "meta", _json_meta(new.meta))  # the registry saves the job without it
             record_failure_result(new, consumer.failure_ttl, exc_string, pipe)
         pipe.hset(new.key, ATTEMPT_FIELD, attempt)
         if marks is not None:
