@@ -33,7 +33,6 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from devtools.redis_process import RedisProcess, find_redis_server, free_port
-from signal_queue import SignalQueue
 from signal_queue.metrics import prometheus_text
 from signal_queue.wire.keys import RUN_EVENTS
 from tests.conftest import ROOT, drain
@@ -223,24 +222,6 @@ TLS_FAULTS = {
 
 
 # --- the app ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def app_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[str], Flask]]:
-    """tests/fault_app.py's app on a given Redis URL, in this process; closed at the end."""
-    made: list[Flask] = []
-
-    def make(url: str) -> Flask:
-        from tests.fault_app import create_app
-
-        monkeypatch.setenv("SIGNAL_QUEUE_REDIS_URL", url)
-        monkeypatch.setenv("SIGNAL_QUEUE_SPOOL_PATH", str(tmp_path / f"app{len(made)}.sqlite3"))
-        made.append(create_app())
-        return made[-1]
-
-    yield make
-    for app in made:
-        SignalQueue.close(app)
 
 
 def queued_ids(conn: redis.Redis) -> list[str]:
