@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 import redis
@@ -21,15 +22,48 @@ from .consumer.quarantine import purge_quarantined
 from .consumer.rq_compat import taken_count
 from .consumer.worker import WORKER_CLASSES, load_app, log_to_stderr, run_worker
 from .exceptions import ConfigurationError
-from .metrics import prometheus_text, snapshot, unreachable
+from .metrics import prometheus_text, snapshot
 from .wire.keys import QUARANTINE_KEY
 from .wire.receivers import receivers
+from .wire.redis_errors import Fault, classify
 from .wire.redis_url import hide_secrets, safe_url, url_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("signal_queue.worker")
 
 signal_queue_cli = AppGroup("signal-queue", help="Run and inspect deferred signal receivers.")
+
+
+def refused_line(fault: Fault, url: str) -> str:
+    """A command's one line for a fault that needs a fix: the cause and what to fix, the URL masked."""
+    return f"{fault.line(url, 'this command')}; waiting will not fix this: {fault.fix}"
+
+
+def redis_failure(exc: BaseException, url: str) -> click.ClickException | None:
+    """A command's one line (exit 1) for a Redis error, the URL masked; None if the error is not Redis's."""
+    fault = classify(exc, url)
+    if fault is None:
+        return None
+    if fault.permanent:
+        return click.ClickException(refused_line(fault, url))
+    detail = f"{type(exc).__name__}: {hide_secrets(str(exc), url)}"
+    return click.ClickException(f"{fault.line(url, 'this command')} ({detail})")
+
+
+def reports_redis_errors(command: F) -> F:
+    """A command that needs Redis ends with one line naming Redis's fault (exit 1), not a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except redis.RedisError as exc:
+            failure = redis_failure(exc, state_for(current_app).redis_url)
+            if failure is None:
+                raise
+            raise failure from None
+
+    return cast(F, wrapper)
 
 
 def worker_options(command: F) -> F:
@@ -104,6 +138,7 @@ def receivers_command() -> None:
 
 @signal_queue_cli.command("replay")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@reports_redis_errors
 def replay_command(as_json: bool) -> None:
     """Send the batches spooled during a Redis outage (the app also does this by itself)."""
 
@@ -133,7 +168,11 @@ def replay_command(as_json: bool) -> None:
     else:
         click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
-        shown = safe_url(state_for(current_app).redis_url)
+        state = state_for(current_app)
+        shown = safe_url(state.redis_url)
+        refused = dispatcher.refused
+        if refused is not None:
+            raise click.ClickException(f"{left} event(s) are still spooled: {refused_line(refused, state.redis_url)}")
         raise click.ClickException(f"{left} event(s) are still spooled: Redis at {shown} did not take them")
 
 
@@ -143,6 +182,7 @@ def replay_command(as_json: bool) -> None:
 @click.option("--id", "ids", multiple=True, help="Only this event or job id (repeatable).")
 @click.option("--queue", "queue_names", multiple=True, help="Queues to look in (default: all of the app's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@reports_redis_errors
 def requeue_command(
     everything: bool, receiver: str | None, ids: tuple[str, ...], queue_names: tuple[str, ...], as_json: bool
 ) -> None:
@@ -165,6 +205,7 @@ def requeue_command(
 
 @signal_queue_cli.command("info")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@reports_redis_errors
 def info_command(as_json: bool) -> None:
     """Queues, workers, failed events, the outage spool, counts and the registered receivers.
 
@@ -172,24 +213,20 @@ def info_command(as_json: bool) -> None:
     """
     state = state_for(current_app)
     shown_url = safe_url(state.redis_url)
-
-    def refused(exc: redis.RedisError) -> click.ClickException:
-        # A wrong password or database needs fixing, not waiting for: a failure, not a report.
-        return click.ClickException(
-            f"Redis at {shown_url} refused: {type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
-        )
-
-    try:
-        seen = snapshot(state)
-    except redis.RedisError as exc:
-        raise refused(exc) from None
+    seen = snapshot(state)
+    if seen.refused is not None:
+        # A wrong password, an ACL or a certificate needs fixing, not waiting for: a failure, not a report.
+        raise click.ClickException(refused_line(seen.refused, state.redis_url))
     queues = workers = quarantined = None
     if seen.redis_error is None:
         try:
             queues, workers, quarantined = _queues_and_workers()
         except redis.RedisError as exc:
-            if not unreachable(exc):
-                raise refused(exc) from None
+            fault = classify(exc, state.redis_url)
+            if fault is None:
+                raise
+            if fault.permanent:
+                raise click.ClickException(refused_line(fault, state.redis_url)) from None
             seen.redis_error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"  # gone meanwhile
     spool = state.dispatcher.spool
     data: dict[str, Any] = {
@@ -283,6 +320,7 @@ def _queues_and_workers() -> tuple[list[dict[str, Any]], list[dict[str, Any]], i
 @signal_queue_cli.command("failed")
 @click.option("--receiver", help="Only this receiver (module:qualname).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for machines.")
+@reports_redis_errors
 def failed_command(receiver: str | None, as_json: bool) -> None:
     """Failed events (RQ's failed registry): signal, receiver, request path, user, request id, error."""
 
@@ -312,9 +350,16 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
 
 @signal_queue_cli.command("metrics")
 def metrics_command() -> None:
-    """Print the counters in Prometheus' text format (e.g. for node_exporter's textfile collector)."""
+    """Print the counters in Prometheus' text format (e.g. for node_exporter's textfile collector).
 
-    click.echo(prometheus_text(current_app._get_current_object()), nl=False)  # type: ignore[attr-defined]
+    A Redis that refuses for good is a value here (``signal_queue_redis_refused 1``), not a
+    failure: the metrics are printed, the cause goes to stderr in one line, and the exit status is 0.
+    """
+    state = state_for(current_app)
+    seen = snapshot(state)
+    click.echo(prometheus_text(current_app._get_current_object(), seen), nl=False)  # type: ignore[attr-defined]
+    if seen.refused is not None:
+        click.echo(f"metrics: {refused_line(seen.refused, state.redis_url)}", err=True)
 
 
 @signal_queue_cli.command("purge")
@@ -323,6 +368,7 @@ def metrics_command() -> None:
 @click.option("--queued", "what", flag_value="queued", help="Empty the queues: waiting events are deleted.")
 @click.option("--spool", "what", flag_value="spool", help="Delete the outage spool's batches.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@reports_redis_errors
 def purge_command(what: str | None, yes: bool) -> None:
     """Delete failed events, waiting events or the spool. Asks first: what is purged is gone."""
 

@@ -133,6 +133,7 @@ class SignalQueueState(Producer):
             failure_ttl=failure_ttl,
             batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
             spool=Spool(self.spool_path(app)),
+            redis_url=self.redis_url,
         )
         self.unsendable: str = config["SIGNAL_QUEUE_UNSENDABLE"]
         if self.unsendable not in UNSENDABLE_POLICIES:

@@ -24,6 +24,7 @@ from flask import Flask, Response, current_app
 from ._state import SignalQueueState, state_for
 from .producer.ledger import TOTALS as HOST_TOTALS
 from .wire.keys import QUARANTINE_KEY, STATS_KEY
+from .wire.redis_errors import Fault, classify
 from .wire.redis_url import hide_secrets
 
 #: Redis totals, with their Prometheus help text.
@@ -61,19 +62,13 @@ def totals(connection: Any) -> dict[str, int]:
     return {name: found.get(name, 0) for name in TOTALS}
 
 
-def unreachable(exc: BaseException) -> bool:
-    """Redis is down or too slow; a refused password is not that (it needs fixing, not waiting)."""
-    return isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(
-        exc, redis.AuthenticationError
-    )
-
-
 @dataclass
 class Snapshot:
     """The counts one look can give: Redis's (None while it is unreachable) and this host's."""
 
     shared: dict[str, int] | None  # sq:stats, plus this host's counts Redis does not have yet
     redis_error: str | None
+    refused: Fault | None  # Redis's fault, if it needs a fix (a wrong password, an ACL, TLS): not waited out
     host: dict[str, int]  # the count file: spooled, lost, dropped on this host, since it was made
     not_in_redis: dict[str, int]
     spool_batches: int | None  # None: the spool could not be read
@@ -82,18 +77,21 @@ class Snapshot:
 
 
 def snapshot(state: SignalQueueState) -> Snapshot:
-    """Read Redis's totals and the local ones; Redis being down is a result, not an error."""
+    """Read Redis's totals and the local ones; Redis being down, or refusing, is a result, not an error."""
     ledger = state.dispatcher.spool.ledger
     counts = ledger.read()
     host = {name: counts[name] for name in HOST_TOTALS}
     not_in_redis = {name: max(0, counts[name] - counts[f"published_{name}"]) for name in HOST_TOTALS}
     shared: dict[str, int] | None = None
     error = None
+    refused = None
     try:
         shared = totals(state.connection)
     except redis.RedisError as exc:
-        if not unreachable(exc):
+        fault = classify(exc, state.redis_url)
+        if fault is None:
             raise
+        refused = fault if fault.permanent else None
         error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
     else:
         for name, value in not_in_redis.items():
@@ -105,17 +103,24 @@ def snapshot(state: SignalQueueState) -> Snapshot:
         batches, events = state.dispatcher.spool.depth()
     except (sqlite3.Error, OSError) as exc:
         spool_error = f"{type(exc).__name__}: {exc}"
-    return Snapshot(shared, error, host, not_in_redis, batches, events, spool_error)
+    return Snapshot(shared, error, refused, host, not_in_redis, batches, events, spool_error)
 
 
-def prometheus_text(app: Flask) -> str:
-    """The counters in Prometheus' text exposition format; the Redis totals only while Redis answers."""
+def prometheus_text(app: Flask, seen: Snapshot | None = None) -> str:
+    """The counters in Prometheus' text exposition format; the Redis totals only while Redis answers.
+
+    ``seen``: a snapshot just taken (else one is taken now).
+    """
     state = state_for(app)
-    seen = snapshot(state)
+    seen = seen or snapshot(state)
     lines = [
         "# HELP signal_queue_redis_up 1 if Redis answered this scrape, else 0 (its totals are then left out).",
         "# TYPE signal_queue_redis_up gauge",
         f"signal_queue_redis_up {0 if seen.shared is None else 1}",
+        "# HELP signal_queue_redis_refused 1 if Redis refused this scrape or this process's last send for a reason "
+        "waiting does not fix (a wrong password, an ACL denial, a TLS certificate not trusted); see the ERROR log.",
+        "# TYPE signal_queue_redis_refused gauge",
+        f"signal_queue_redis_refused {1 if seen.refused or state.dispatcher.refused else 0}",
     ]
     if seen.shared is not None:
         for name, help_text in TOTALS.items():

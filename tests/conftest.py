@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,7 @@ from flask import Flask
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from signal_queue import SignalQueue
 from signal_queue.wire.keys import RUN_EVENTS
 from tests.redis_server import RedisServer
 
@@ -55,6 +56,25 @@ def redis_url(redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> str
 @pytest.fixture
 def conn(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url)
+
+
+@pytest.fixture
+def app_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[str], Flask]]:
+    """Make tests/fault_app.py's app on a given Redis, in this process; closed at the end."""
+    made: list[Flask] = []
+
+    def make(url: str) -> Flask:
+        from tests.fault_app import create_app
+
+        monkeypatch.setenv("SIGNAL_QUEUE_REDIS_URL", url)
+        monkeypatch.setenv("SIGNAL_QUEUE_SPOOL_PATH", str(tmp_path / f"app{len(made)}.sqlite3"))
+        app = create_app()
+        made.append(app)
+        return app
+
+    yield make
+    for app in made:
+        SignalQueue.close(app)
 
 
 def drain(app: Flask) -> None:

@@ -25,7 +25,6 @@ from flask import Flask
 from rq import Worker
 
 from devtools.redis_process import RedisProcess
-from signal_queue import SignalQueue
 from tests.conftest import drain
 from tests.test_faults import fault_env, handled, start_worker, stop
 
@@ -87,25 +86,6 @@ def client() -> Iterator[Callable[..., redis.Redis]]:
     yield make
     for conn in made:
         conn.close()
-
-
-@pytest.fixture
-def app_on(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Callable[[str], Flask]]:
-    """Make tests/fault_app.py's app on a given Redis, in this process; closed at the end."""
-    made: list[Flask] = []
-
-    def make(url: str) -> Flask:
-        from tests.fault_app import create_app
-
-        monkeypatch.setenv("SIGNAL_QUEUE_REDIS_URL", url)
-        monkeypatch.setenv("SIGNAL_QUEUE_SPOOL_PATH", str(tmp_path / f"app{len(made)}.sqlite3"))
-        app = create_app()
-        made.append(app)
-        return app
-
-    yield make
-    for app in made:
-        SignalQueue.close(app)
 
 
 class Recorded(logging.Handler):
@@ -337,7 +317,8 @@ def test_worker_denied_by_an_acl_exits_2_at_once(
         print(f"\nNOPERM: the worker exited {status} {exited:.1f}s after the ACL denied it")
         assert status == 2, sq_lines(text)
         assert exited < 15
-        assert len(lines_with(text, "refused the worker", "NoPermissionError")) == 1, sq_lines(text)
+        assert len(lines_with(text, "refused the worker: an ACL denies a command or key it needs (NOPERM)")) == 1, (
+            sq_lines(text))
         assert "s3cret-pw" not in text and "worker:***@" in text
     finally:
         stop(worker)

@@ -4,7 +4,6 @@
 - :mod:`.run`: the job functions, per-event timeouts, done marks, failures spun off;
 - :mod:`.context`: the app and request contexts rebuilt from the snapshot, ``current_event``;
 - :mod:`.worker`: the RQ worker, and its survival of Redis going away;
-- :mod:`.redis_faults`: which Redis errors the worker waits out, and which stop it;
 - :mod:`.failures`: failed events in RQ's registries, listed and requeued;
 - :mod:`.rq_compat`: every use of RQ's non-public API.
 """

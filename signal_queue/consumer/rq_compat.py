@@ -54,9 +54,9 @@ from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
 from ..wire.keys import HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
+from ..wire.redis_errors import describe, transient_cause
 from .lifeline import die_with_parent, orphaned
 from .quarantine import entry_text, quarantine
-from .redis_faults import describe, transient_cause
 
 logger = logging.getLogger("signal_queue.worker")
 

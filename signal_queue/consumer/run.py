@@ -53,9 +53,9 @@ from ..wire.keys import (
     batch_timeout,
 )
 from ..wire.receivers import DeferredReceiver, muted, receivers
+from ..wire.redis_errors import describe, transient_cause
 from .context import handling, rebuilt_context
 from .labels import describe_event, emitted_at, event_meta
-from .redis_faults import describe, transient_cause
 from .rq_compat import record_failure_result
 
 logger = logging.getLogger("signal_queue")

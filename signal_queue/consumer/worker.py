@@ -31,11 +31,11 @@ from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
 from ..wire.keys import PROBE_KEY, PROBE_TTL_MS
+from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity, restarted_with_data
 from ..wire.redis_url import hide_secrets, safe_url
 from .handler_process import HandlerProcess
 from .job import SignalJob
-from .redis_faults import CONNECTION, describe, is_refusal, refusal_name, transient_cause
 from .rq_compat import (
     BackstopDeathPenalty,
     CompatQueue,
@@ -194,8 +194,9 @@ def run_worker(
     Any Redis error that passes (Redis full, read-only, loading, busy, a lost
     master, a timeout, a lost connection) ends RQ's worker: this waits until
     Redis takes writes again and starts a new worker in this process, which
-    registers itself again. A Redis that refuses the worker for good (a wrong
-    password, an ACL denial) raises :class:`ConfigurationError`: the CLI exits 2.
+    registers itself again. A fault that needs a fix (a wrong password, an ACL
+    denial, a TLS certificate not trusted; see :mod:`~signal_queue.wire.redis_errors`)
+    raises :class:`ConfigurationError` naming it: the CLI exits 2.
     """
     watch = RedisWatch(url or consumer.redis_url)
     try:
@@ -234,14 +235,14 @@ def run_worker(
                     return worked
             if worker is not None and stop_requested(worker):
                 return False
-            cause = transient_cause(fault) if fault is not None else None
-            if cause is not None:
+            found = classify(fault, watch.url) if fault is not None else None
+            if found is not None and not found.permanent:
                 assert fault is not None
-                watch.wait_writable(then="starting a new worker", stopped_by=(cause, fault))
+                watch.wait_writable(then="starting a new worker", stopped_by=(found, fault))
                 if worker is not None:
                     retire_worker(worker)  # its teardown could not unregister it
-            elif fault is not None and is_refusal(fault):
-                raise watch.refused(fault)
+            elif found is not None:
+                raise watch.refused(found)
             else:
                 # RQ logged the error with its traceback ("found an unhandled exception"); it is
                 # not Redis's, so nothing here says Redis failed.
@@ -254,7 +255,7 @@ def run_worker(
                 time.sleep(pause)
                 pause = min(pause * 2, 30.0)
                 watch.wait_writable(then="starting a new worker")
-            after_fault = cause is not None
+            after_fault = found is not None
             watch.check_data(getattr(worker, "queued_seen", None))
             if isinstance(worker, SignalWorker):
                 _return_untaken_job(worker)
@@ -310,26 +311,28 @@ class RedisWatch:
                 f"Redis URL {safe_url(self.url)} is not valid: {self.hide(str(exc))}"
             ) from None
 
-    def refused(self, exc: BaseException) -> ConfigurationError:
+    def refused(self, fault: Fault) -> ConfigurationError:
+        """The worker's exit line for a fault that waiting does not fix: the cause, and what to fix."""
         return ConfigurationError(
-            f"Redis at {safe_url(self.url)} refused the worker: {refusal_name(exc)}: {self.hide(str(exc))}"
+            f"{fault.line(self.url, 'the worker')}; waiting will not fix this: {fault.fix}, then start the worker again"
         )
 
-    def wait_writable(self, then: str, stopped_by: tuple[str, BaseException] | None = None) -> float:
+    def wait_writable(self, then: str, stopped_by: tuple[Fault, BaseException] | None = None) -> float:
         """Return when Redis takes a write; meanwhile retry with backoff (0.2 s doubling to ``longest``).
 
         Logs one line per cause (``stopped_by`` is the one that ended the worker),
-        not one per try, and one when Redis takes writes again. A refusal for good
-        raises :class:`ConfigurationError`. Returns the seconds waited.
+        not one per try, and one when Redis takes writes again. A fault that needs
+        a fix raises :class:`ConfigurationError`. Returns the seconds waited.
         """
         started = time.monotonic()
         logged: str | None = None
         if stopped_by is not None:
-            logged, exc = stopped_by
+            fault, exc = stopped_by
+            logged = fault.code
             logger.warning(
                 "signal_queue: the worker stopped: Redis at %s %s (%s: %s); waiting until it takes writes again, "
                 "retrying with backoff up to %.0f s",
-                safe_url(self.url), describe(logged), type(exc).__name__, self.hide(str(exc)), self.longest,
+                safe_url(self.url), fault.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
             )
         delay = 0.2
         while True:
@@ -338,15 +341,17 @@ class RedisWatch:
                 client.set(self.probe_key, 1, px=PROBE_TTL_MS)
                 break
             except (redis.RedisError, OSError) as exc:
-                cause = CONNECTION if isinstance(exc, OSError) else transient_cause(exc)
-                if cause is None:
-                    raise self.refused(exc) from None
-                if cause != logged:
+                found = classify(exc, self.url)
+                if found is None:
+                    raise
+                if found.permanent:
+                    raise self.refused(found) from None
+                if found.code != logged:
                     logger.warning(
                         "signal_queue: waiting for Redis at %s: it %s (%s: %s); retrying with backoff up to %.0f s",
-                        safe_url(self.url), describe(cause), type(exc).__name__, self.hide(str(exc)), self.longest,
+                        safe_url(self.url), found.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
                     )
-                    logged = cause
+                    logged = found.code
             finally:
                 client.close()
             time.sleep(delay)

@@ -9,7 +9,10 @@ never an exception in the request. The outage spool hooks in here, and so
 does the reporting of an outage: its log lines (one per cause per
 :data:`LOSS_LOG_INTERVAL`), the one line that sums it up when it is over, and
 the host's counts of spooled and lost events (see :mod:`.ledger`), which are
-added into Redis's ``sq:stats`` when it answers again.
+added into Redis's ``sq:stats`` when it answers again. A fault that waiting does
+not fix (a wrong password, an ACL denial, a TLS certificate not trusted; see
+:mod:`~signal_queue.wire.redis_errors`) is handled as an outage, events spooled
+and retried, but logged at ERROR with its cause, once per change of cause.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from ..wire.keys import (
     STATS_KEY,
     batch_timeout,
 )
+from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
 from .capture import PendingEvent
 from .ledger import TOTALS as LEDGER_TOTALS
@@ -104,12 +108,16 @@ class Outage:
     dropped: int = 0
     replayed: int = 0
     skipped: int = 0
+    refused: str | None = None  # the cause of a fault that needed a fix, if Redis answered with one
 
     def summary(self, now: float) -> str:
         """What happened, in one line's words: how long, the first error, what this process did."""
         length = (self.back if self.back is not None else now) - self.began
         if self.cause is None:
             seen = "this process saw no outage itself"
+        elif self.refused is not None:
+            verb = "has refused" if self.back is None else "refused"
+            seen = f"Redis {verb} this app for {length:.1f} s ({self.refused})"
         elif self.back is None:
             seen = f"Redis has been unavailable for {length:.1f} s (first error: {self.cause})"
         else:
@@ -164,8 +172,14 @@ class Dispatcher:
         batch_size: int,
         spool: Spool,
         max_events_per_send: int = 2000,
+        redis_url: str = "",
     ) -> None:
         self.connection = connection
+        #: The URL of ``connection``, for messages (masked).
+        self.redis_url = redis_url
+        #: The fault needing a fix that Redis last answered this process with; None once it takes writes,
+        #: or fails in a way that passes.
+        self.refused: Fault | None = None
         self.codec = codec
         self.default_queue = default_queue
         self.default_timeout = default_timeout
@@ -227,6 +241,7 @@ class Dispatcher:
         self.counters = Counter()
         self._log = LogLimiter(LOSS_LOG_INTERVAL)
         self._outage = None
+        self.refused = None
         self._sent_not_deleted = {}
 
     @property
@@ -251,14 +266,17 @@ class Dispatcher:
         if not events:
             return True
         batches = self.prepare(events)
-        error = f"Redis is unavailable (circuit open for {self.breaker.retry_in:.1f} s more)"
+        refused = self.refused
+        if refused is not None:
+            error = f"{refused.line(self.redis_url, 'the app')} (next try in {self.breaker.retry_in:.1f} s)"
+        else:
+            error = f"Redis is unavailable (circuit open for {self.breaker.retry_in:.1f} s more)"
         if self.breaker.allow():
             try:
                 self.send(batches)
             except DeliveryError as exc:
                 self.breaker.failed()
-                error = str(exc)
-                self._outage_begins(error)
+                error = self._failed(exc)
             else:
                 self.breaker.succeeded()
                 if self._reconnected:
@@ -530,8 +548,37 @@ class Dispatcher:
 
     def _replay_failed(self, exc: BaseException) -> None:
         self.breaker.failed()
-        self._outage_begins(f"{type(exc).__name__}: {exc}")
-        self._warn("replay-redis", f"replay of the spool stopped, Redis failed again: {exc}")
+        self._failed(exc)
+        if self.refused is None:  # a refusal has its own line
+            self._warn("replay-redis", f"replay of the spool stopped, Redis failed again: {exc}")
+
+    def _failed(self, exc: BaseException) -> str:
+        """Redis failed a send or a replay: the outage begins (or goes on). Returns the error as lines say it.
+
+        A fault that needs a fix is logged at ERROR, with its cause and what to fix,
+        when it begins and when its cause changes: not per try.
+        """
+        fault = classify(exc, self.redis_url)
+        error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
+        if fault is None or not fault.permanent:
+            self.refused = None
+            self._outage_begins(error)
+            return error
+        with self._flag_lock:
+            new = self.refused is None or self.refused.code != fault.code
+            self.refused = fault
+        error = fault.line(self.redis_url, "the app")
+        if new:
+            logger.error(
+                "signal_queue: %s (pid %d); waiting will not fix this: %s. Meanwhile every event is kept in the "
+                "spool %s and sent once Redis takes it: the app tries again every %.0f s at most, without a "
+                "restart (after a change to SIGNAL_QUEUE_REDIS_URL, the restarted app sends them)",
+                error, os.getpid(), fault.fix, self.spool.path, self.breaker.longest,
+            )
+        self._outage_begins(error)
+        if self._outage is not None:
+            self._outage.refused = fault.cause
+        return error
 
     def _spool_trouble(self, what: str, exc: BaseException) -> None:
         """The spool could not be used: one line per cause per interval, and a pause before the next try."""
@@ -563,6 +610,7 @@ class Dispatcher:
             outage.back = None  # failed again before the spool was empty: the same outage
 
     def _redis_back(self) -> None:
+        self.refused = None
         outage = self._outage
         if outage is not None and outage.back is None:
             outage.back = time.monotonic()
@@ -585,6 +633,7 @@ class Dispatcher:
                 self.breaker.failed()
                 return
             self.breaker.succeeded()
+            self.refused = None
             outage.back = time.monotonic()
         self._outage_over()
 
