@@ -24,7 +24,8 @@ from .exceptions import ConfigurationError
 from .metrics import prometheus_text, snapshot, unreachable
 from .wire.keys import QUARANTINE_KEY
 from .wire.receivers import receivers
-from .wire.redis_url import hide_secrets, safe_url, url_secrets
+from .wire.redis_connect import CLUSTER_UNSUPPORTED, cluster_enabled, cluster_refusal
+from .wire.redis_url import safe_url, url_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("signal_queue.worker")
@@ -133,7 +134,7 @@ def replay_command(as_json: bool) -> None:
     else:
         click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
-        shown = safe_url(state_for(current_app).redis_url)
+        shown = state_for(current_app).redis.shown
         raise click.ClickException(f"{left} event(s) are still spooled: Redis at {shown} did not take them")
 
 
@@ -171,13 +172,14 @@ def info_command(as_json: bool) -> None:
     Works while Redis is down: it says so, and shows the spool and this host's counts.
     """
     state = state_for(current_app)
-    shown_url = safe_url(state.redis_url)
+    shown_url = state.redis.shown
 
     def refused(exc: redis.RedisError) -> click.ClickException:
         # A wrong password or database needs fixing, not waiting for: a failure, not a report.
-        return click.ClickException(
-            f"Redis at {shown_url} refused: {type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
-        )
+        if cluster_refusal(exc):
+            return click.ClickException(f"Redis at {shown_url} is a Redis Cluster node "
+                                        f"({state.redis.hide(str(exc))}): {CLUSTER_UNSUPPORTED}")
+        return click.ClickException(f"Redis at {shown_url} refused: {type(exc).__name__}: {state.redis.hide(str(exc))}")
 
     try:
         seen = snapshot(state)
@@ -186,11 +188,15 @@ def info_command(as_json: bool) -> None:
     queues = workers = quarantined = None
     if seen.redis_error is None:
         try:
+            if cluster_enabled(state.connection):  # it answers, but the app cannot enqueue there
+                raise click.ClickException(
+                    f"Redis at {shown_url} is a Redis Cluster node (cluster_enabled:1): {CLUSTER_UNSUPPORTED}"
+                )
             queues, workers, quarantined = _queues_and_workers()
         except redis.RedisError as exc:
             if not unreachable(exc):
                 raise refused(exc) from None
-            seen.redis_error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"  # gone meanwhile
+            seen.redis_error = f"{type(exc).__name__}: {state.redis.hide(str(exc))}"  # gone meanwhile
     spool = state.dispatcher.spool
     data: dict[str, Any] = {
         "redis": shown_url,

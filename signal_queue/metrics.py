@@ -24,7 +24,6 @@ from flask import Flask, Response, current_app
 from ._state import SignalQueueState, state_for
 from .producer.ledger import TOTALS as HOST_TOTALS
 from .wire.keys import QUARANTINE_KEY, STATS_KEY
-from .wire.redis_url import hide_secrets
 
 #: Redis totals, with their Prometheus help text.
 TOTALS = {
@@ -94,7 +93,7 @@ def snapshot(state: SignalQueueState) -> Snapshot:
     except redis.RedisError as exc:
         if not unreachable(exc):
             raise
-        error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
+        error = f"{type(exc).__name__}: {state.redis.hide(str(exc))}"
     else:
         for name, value in not_in_redis.items():
             shared[name] += value

@@ -43,6 +43,7 @@ from ..wire.keys import (
     STATS_KEY,
     batch_timeout,
 )
+from ..wire.redis_connect import CLUSTER_UNSUPPORTED, cluster_refusal
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
 from .capture import PendingEvent
 from .ledger import TOTALS as LEDGER_TOTALS
@@ -252,12 +253,18 @@ class Dispatcher:
             return True
         batches = self.prepare(events)
         error = f"Redis is unavailable (circuit open for {self.breaker.retry_in:.1f} s more)"
+        cluster = False
         if self.breaker.allow():
             try:
                 self.send(batches)
             except DeliveryError as exc:
                 self.breaker.failed()
                 error = str(exc)
+                # Not an outage that ends by itself: the configuration must change. Said at ERROR.
+                cluster = cluster_refusal(exc.__cause__)
+                if cluster:
+                    error = (f"Redis is a Redis Cluster node ({error}): {CLUSTER_UNSUPPORTED}; the events stay "
+                             "in the spool until the app is given a Redis that is not a cluster")
                 self._outage_begins(error)
             else:
                 self.breaker.succeeded()
@@ -267,7 +274,7 @@ class Dispatcher:
                 if self._outage is not None:
                     self._redis_back()
                 return True
-        self.spool_batches(batches, events, error)
+        self.spool_batches(batches, events, error, cause="cluster" if cluster else "")
         return False
 
     def prepare(self, events: Sequence[PendingEvent]) -> list[SpooledBatch]:
@@ -387,8 +394,13 @@ class Dispatcher:
 
     # -- the spool --------------------------------------------------------------------
 
-    def spool_batches(self, batches: Sequence[SpooledBatch], events: Sequence[PendingEvent], error: str) -> None:
-        """Keep batches on disk; if even that fails, count and log the loss loudly."""
+    def spool_batches(
+        self, batches: Sequence[SpooledBatch], events: Sequence[PendingEvent], error: str, cause: str = ""
+    ) -> None:
+        """Keep batches on disk; if even that fails, count and log the loss loudly.
+
+        ``cause`` "cluster": Redis is a Redis Cluster node, which no wait cures: logged at ERROR.
+        """
         self._outage_begins(error)
         try:
             self.spool.put(batches)
@@ -407,7 +419,8 @@ class Dispatcher:
         if self._outage is not None:
             self._outage.spooled += len(events)
         self.report_loss(
-            "spooled", events, f"were spooled to {self.spool.path}: {error}", level=logging.WARNING, count=False
+            "spooled", events, f"were spooled to {self.spool.path}: {error}",
+            level=logging.ERROR if cause == "cluster" else logging.WARNING, cause=cause, count=False,
         )
 
     def replay(self, limit: int = 50) -> int:
