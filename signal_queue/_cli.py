@@ -25,8 +25,9 @@ from .exceptions import ConfigurationError
 from .metrics import prometheus_text, snapshot
 from .wire.keys import QUARANTINE_KEY
 from .wire.receivers import receivers
+from .wire.redis_connect import CLUSTER_UNSUPPORTED, RedisSource, cluster_enabled
 from .wire.redis_errors import Fault, classify
-from .wire.redis_url import hide_secrets, safe_url, url_secrets
+from .wire.redis_url import safe_url, url_secrets
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("signal_queue.worker")
@@ -34,20 +35,20 @@ logger = logging.getLogger("signal_queue.worker")
 signal_queue_cli = AppGroup("signal-queue", help="Run and inspect deferred signal receivers.")
 
 
-def refused_line(fault: Fault, url: str) -> str:
-    """A command's one line for a fault that needs a fix: the cause and what to fix, the URL masked."""
-    return f"{fault.line(url, 'this command')}; waiting will not fix this: {fault.fix}"
+def refused_line(fault: Fault, shown: str) -> str:
+    """A command's one line for a fault that needs a fix: the cause and what to fix (``shown``: the masked Redis)."""
+    return f"{fault.line(shown, 'this command')}; waiting will not fix this: {fault.fix}"
 
 
-def redis_failure(exc: BaseException, url: str) -> click.ClickException | None:
-    """A command's one line (exit 1) for a Redis error, the URL masked; None if the error is not Redis's."""
-    fault = classify(exc, url)
+def redis_failure(exc: BaseException, source: RedisSource) -> click.ClickException | None:
+    """A command's one line (exit 1) for a Redis error, secrets masked; None if the error is not Redis's."""
+    fault = classify(exc, source.url)
     if fault is None:
         return None
     if fault.permanent:
-        return click.ClickException(refused_line(fault, url))
-    detail = f"{type(exc).__name__}: {hide_secrets(str(exc), url)}"
-    return click.ClickException(f"{fault.line(url, 'this command')} ({detail})")
+        return click.ClickException(refused_line(fault, source.shown))
+    detail = f"{type(exc).__name__}: {source.hide(str(exc))}"
+    return click.ClickException(f"{fault.line(source.shown, 'this command')} ({detail})")
 
 
 def reports_redis_errors(command: F) -> F:
@@ -58,7 +59,7 @@ def reports_redis_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except redis.RedisError as exc:
-            failure = redis_failure(exc, state_for(current_app).redis_url)
+            failure = redis_failure(exc, state_for(current_app).redis)
             if failure is None:
                 raise
             raise failure from None
@@ -169,10 +170,10 @@ def replay_command(as_json: bool) -> None:
         click.echo(f"replayed {replayed} event(s); {skipped} already in Redis, not sent again; {left} left")
     if left:
         state = state_for(current_app)
-        shown = safe_url(state.redis_url)
+        shown = state.redis.shown
         refused = dispatcher.refused
         if refused is not None:
-            raise click.ClickException(f"{left} event(s) are still spooled: {refused_line(refused, state.redis_url)}")
+            raise click.ClickException(f"{left} event(s) are still spooled: {refused_line(refused, shown)}")
         raise click.ClickException(f"{left} event(s) are still spooled: Redis at {shown} did not take them")
 
 
@@ -212,22 +213,26 @@ def info_command(as_json: bool) -> None:
     Works while Redis is down: it says so, and shows the spool and this host's counts.
     """
     state = state_for(current_app)
-    shown_url = safe_url(state.redis_url)
+    shown_url = state.redis.shown
     seen = snapshot(state)
     if seen.refused is not None:
         # A wrong password, an ACL or a certificate needs fixing, not waiting for: a failure, not a report.
-        raise click.ClickException(refused_line(seen.refused, state.redis_url))
+        raise click.ClickException(refused_line(seen.refused, shown_url))
     queues = workers = quarantined = None
     if seen.redis_error is None:
         try:
+            if cluster_enabled(state.connection):  # it answers, but the app cannot enqueue there
+                raise click.ClickException(
+                    f"Redis at {shown_url} is a Redis Cluster node (cluster_enabled:1): {CLUSTER_UNSUPPORTED}"
+                )
             queues, workers, quarantined = _queues_and_workers()
         except redis.RedisError as exc:
-            fault = classify(exc, state.redis_url)
+            fault = classify(exc, state.redis.url)
             if fault is None:
                 raise
             if fault.permanent:
-                raise click.ClickException(refused_line(fault, state.redis_url)) from None
-            seen.redis_error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"  # gone meanwhile
+                raise click.ClickException(refused_line(fault, shown_url)) from None
+            seen.redis_error = f"{type(exc).__name__}: {state.redis.hide(str(exc))}"  # gone meanwhile
     spool = state.dispatcher.spool
     data: dict[str, Any] = {
         "redis": shown_url,
@@ -359,7 +364,7 @@ def metrics_command() -> None:
     seen = snapshot(state)
     click.echo(prometheus_text(current_app._get_current_object(), seen), nl=False)  # type: ignore[attr-defined]
     if seen.refused is not None:
-        click.echo(f"metrics: {refused_line(seen.refused, state.redis_url)}", err=True)
+        click.echo(f"metrics: {refused_line(seen.refused, state.redis.shown)}", err=True)
 
 
 @signal_queue_cli.command("purge")

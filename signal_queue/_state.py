@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Iterable
 from typing import Any, Protocol, cast
@@ -20,7 +21,7 @@ from .producer.spool import Spool
 from .wire.codec import Codec
 from .wire.models import ModelCarrier
 from .wire.principal import IdentityCarrier
-from .wire.redis_url import hide_secrets, safe_url
+from .wire.redis_connect import ClientFactory, RedisSource
 from .wire.users import UserCarrier
 
 
@@ -49,6 +50,7 @@ DEFAULT_REDACT_FIELDS = ("password", "passwd", "secret", "token", "apikey", "pri
 #: config is taken from the environment variable of the same name, if set.
 DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_REDIS_URL": "redis://localhost:6379/0",
+    "SIGNAL_QUEUE_REDIS_CLIENT": "",
     "SIGNAL_QUEUE_QUEUE": "signals",
     "SIGNAL_QUEUE_QUEUES": (),
     "SIGNAL_QUEUE_REDACT_HEADERS": DEFAULT_REDACT_HEADERS,
@@ -96,6 +98,8 @@ class SignalQueueState(Producer):
                 raise ConfigurationError(f"{key} is no longer read: {fix}")
         self.queue_name: str = _str(config, "SIGNAL_QUEUE_QUEUE")
         self.redis_url: str = _redis_url(config)
+        #: Where every Redis client of this app comes from: SIGNAL_QUEUE_REDIS_CLIENT, else the URL.
+        self.redis = RedisSource(self.redis_url, *_client_factory(config), name="SIGNAL_QUEUE_REDIS_URL")
         _bool(config, "SIGNAL_QUEUE_EAGER")
         self._config = config
         codec = Codec(
@@ -108,15 +112,7 @@ class SignalQueueState(Producer):
         timeout = config["SIGNAL_QUEUE_SOCKET_TIMEOUT"]
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise ConfigurationError(f"SIGNAL_QUEUE_SOCKET_TIMEOUT must be seconds > 0, got {timeout!r}")
-        try:
-            connection = redis.Redis.from_url(
-                self.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout
-            )
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"SIGNAL_QUEUE_REDIS_URL {safe_url(self.redis_url)!r} is not valid: "
-                f"{hide_secrets(str(exc), self.redis_url)}"
-            ) from None
+        connection = self.redis.client(socket_timeout=timeout, socket_connect_timeout=timeout)
         try:
             default_retry = make_retry(config["SIGNAL_QUEUE_RETRY"])
         except ConfigurationError as exc:
@@ -133,7 +129,7 @@ class SignalQueueState(Producer):
             failure_ttl=failure_ttl,
             batch_size=_int(config, "SIGNAL_QUEUE_BATCH_SIZE", minimum=1),
             spool=Spool(self.spool_path(app)),
-            redis_url=self.redis_url,
+            source=self.redis,
         )
         self.unsendable: str = config["SIGNAL_QUEUE_UNSENDABLE"]
         if self.unsendable not in UNSENDABLE_POLICIES:
@@ -160,7 +156,7 @@ class SignalQueueState(Producer):
             after_fork=outbox.after_fork,
             imports=tuple(_names(config, "SIGNAL_QUEUE_IMPORTS")),
             queue_order=tuple(_names(config, "SIGNAL_QUEUE_QUEUES")),
-            redis_url=self.redis_url,
+            redis=self.redis,
             abandoned_after=_int(config, "SIGNAL_QUEUE_ABANDONED_AFTER", minimum=2),
             maintenance_interval=_int(config, "SIGNAL_QUEUE_MAINTENANCE_INTERVAL", minimum=1),
             shutdown_grace=_seconds(config, "SIGNAL_QUEUE_SHUTDOWN_GRACE"),
@@ -251,6 +247,31 @@ def _redis_url(config: Any) -> str:
         what = "an empty string" if value == "" else f"a value of type {type(value).__name__}"
         raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_URL must be a non-empty string, got {what}")
     return value
+
+
+def _client_factory(config: Any) -> tuple[ClientFactory | None, str]:
+    """``SIGNAL_QUEUE_REDIS_CLIENT``: a callable, or the import path ``module:name`` of one (and its name)."""
+    value = config["SIGNAL_QUEUE_REDIS_CLIENT"]
+    if value is None or value == "":
+        return None, ""
+    if callable(value):
+        return value, f"{getattr(value, '__module__', '?')}:{getattr(value, '__qualname__', type(value).__name__)}"
+    if not isinstance(value, str):
+        raise ConfigurationError(
+            f"SIGNAL_QUEUE_REDIS_CLIENT must be a callable or its import path 'module:name', got {value!r}"
+        )
+    module, colon, name = value.partition(":")
+    if not colon or not module or not name:
+        raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_CLIENT {value!r} must be an import path 'module:name'")
+    try:
+        found: Any = importlib.import_module(module)
+        for part in name.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_CLIENT {value!r} cannot be imported: {exc}") from None
+    if not callable(found):
+        raise ConfigurationError(f"SIGNAL_QUEUE_REDIS_CLIENT {value!r} is a {type(found).__name__}, not a callable")
+    return found, value
 
 
 def _int(config: Any, key: str, minimum: int) -> int:

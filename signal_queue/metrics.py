@@ -25,7 +25,6 @@ from ._state import SignalQueueState, state_for
 from .producer.ledger import TOTALS as HOST_TOTALS
 from .wire.keys import QUARANTINE_KEY, STATS_KEY
 from .wire.redis_errors import Fault, classify
-from .wire.redis_url import hide_secrets
 
 #: Redis totals, with their Prometheus help text.
 TOTALS = {
@@ -88,11 +87,11 @@ def snapshot(state: SignalQueueState) -> Snapshot:
     try:
         shared = totals(state.connection)
     except redis.RedisError as exc:
-        fault = classify(exc, state.redis_url)
+        fault = classify(exc, state.redis.url)
         if fault is None:
             raise
         refused = fault if fault.permanent else None
-        error = f"{type(exc).__name__}: {hide_secrets(str(exc), state.redis_url)}"
+        error = f"{type(exc).__name__}: {state.redis.hide(str(exc))}"
     else:
         for name, value in not_in_redis.items():
             shared[name] += value

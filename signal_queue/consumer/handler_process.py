@@ -43,7 +43,6 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, NoReturn
 
-import redis
 from rq.job import get_current_job
 from rq.timeouts import JobTimeoutException
 
@@ -447,7 +446,7 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         use_runner(None)
         consumer.after_fork()
-        connection = redis.Redis.from_url(consumer.redis_url) if consumer.redis_url else None
+        connection = consumer.redis.client() if consumer.redis.configured else None
         while True:
             try:
                 message = jobs.recv()

@@ -112,7 +112,8 @@ MIRRORED = {
     "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
     "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
-    "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",
+    "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",  # refuses a live name: taken over when stale
+    "rq.worker.BaseWorker.serialize": "219368b12c2d438b",  # the worker hash's hostname and pid fields
     "rq.worker.BaseWorker.should_run_maintenance_tasks.fget": "eda86dbb1a00e8a8",
     "rq.worker_registration.register": "757bc1c839a259c8",
     "rq.worker.BaseWorker.register_death": "cb2b0be150213a99",
@@ -293,6 +294,22 @@ class FaultAwareWorker(BaseWorker):
             self._pubsub_failing = True
         time.sleep(2.0)
 
+    def register_birth(self) -> None:
+        """RQ's registration, which takes over this name's registration if it is a stale one of this host.
+
+        rq 3.0 ``register_birth`` refuses a name whose hash exists without a death date,
+        until that hash expires (``worker_ttl`` + 60 s). A worker whose teardown could not
+        write its death (Redis was away), or one killed outright, leaves such a hash; after a
+        failover the new master holds it too (replicated). It is taken over when it was
+        written by this process, or by a process of this host that is gone: the worker
+        restarted by its supervisor. A name in use elsewhere is refused as RQ refuses it.
+        """
+        owner = stale_registration(self.connection, self.key, self.hostname or "")
+        if owner is not None:
+            self.connection.delete(self.key)
+            self.log.warning("signal_queue: worker %s: took over its registration left by %s", self.name, owner)
+        super().register_birth()  # type: ignore[no-untyped-call]
+
     def register_again(self, queued_before: int | None) -> None:
         """Write this worker's registration again, as ``register_birth`` does, so ``rq info`` lists it.
 
@@ -306,6 +323,29 @@ class FaultAwareWorker(BaseWorker):
             pipe.execute()
         if self.on_registration_lost is not None:
             self.on_registration_lost(queued_before)
+
+
+def stale_registration(connection: redis.Redis, key: str, hostname: str) -> str | None:
+    """Who left the live registration ``key`` (rq 3.0 worker hash: ``hostname``, ``pid``, ``death``),
+    if a new worker of that name may take it over: this process, or a dead process of this host."""
+    host, pid_text, death = connection.hmget(key, "hostname", "pid", "death")
+    if host is None or death is not None or not hostname or as_text(host) != hostname:
+        return None
+    try:
+        pid = int(pid_text or 0)
+    except ValueError:
+        return None
+    if pid == os.getpid():
+        return f"this process (pid {pid})"
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"pid {pid} of this host, which is gone"
+    except PermissionError:
+        return None  # alive, another user's
+    return None
 
 
 def defer_maintenance(worker: BaseWorker) -> None:

@@ -53,6 +53,7 @@ from ..wire.keys import (
     batch_timeout,
 )
 from ..wire.receivers import DeferredReceiver, muted, receivers
+from ..wire.redis_connect import RedisSource
 from ..wire.redis_errors import describe, transient_cause
 from .context import handling, rebuilt_context
 from .labels import describe_event, emitted_at, event_meta
@@ -78,8 +79,9 @@ class Consumer:
     after_fork: Callable[[], object] = lambda: None
     #: Modules to import so their receivers register (``SIGNAL_QUEUE_IMPORTS``).
     imports: Sequence[str] = field(default_factory=tuple)
-    #: The worker's Redis and its recovery timings.
-    redis_url: str = ""
+    #: Where the worker's Redis clients come from (``SIGNAL_QUEUE_REDIS_CLIENT``, else the URL),
+    #: and its recovery timings.
+    redis: RedisSource = field(default_factory=RedisSource)
     abandoned_after: int = 30
     maintenance_interval: int = 15
     #: Seconds a stopping worker lets the running event finish (``SIGNAL_QUEUE_SHUTDOWN_GRACE``).

@@ -31,9 +31,9 @@ from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
 from ..wire.keys import PROBE_KEY, PROBE_TTL_MS
+from ..wire.redis_connect import CLUSTER_UNSUPPORTED, RedisSource, cluster_enabled
 from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity, restarted_with_data
-from ..wire.redis_url import hide_secrets, safe_url
 from .handler_process import HandlerProcess
 from .job import SignalJob
 from .rq_compat import (
@@ -142,8 +142,9 @@ def build_worker(
         )
     # Its own connection, without the emit side's short socket timeout:
     # the worker blocks waiting for jobs and RQ sets a timeout that fits that.
-    connection = redis.Redis.from_url(url or consumer.redis_url)
-    check_redis_version(connection, url or consumer.redis_url)
+    source = redis_source(consumer, url)
+    connection = source.client()
+    check_redis(connection, source.shown)
     bind(consumer)
     CompatQueue.abandoned_after = consumer.abandoned_after
     options: dict[str, Any] = {"consumer": consumer} if issubclass(cls, SignalWorker) else {}
@@ -166,13 +167,20 @@ def build_worker(
 OLDEST_REDIS = (6, 2)
 
 
-def check_redis_version(connection: redis.Redis, url: str) -> None:
-    """Refuse, with the fix, a Redis too old for the worker's reliable take."""
+def redis_source(consumer: Consumer, url: str | None) -> RedisSource:
+    """The worker's ``--url`` if given, else the app's (``SIGNAL_QUEUE_REDIS_CLIENT`` or ``SIGNAL_QUEUE_REDIS_URL``)."""
+    return RedisSource(url, name="--url") if url else consumer.redis
+
+
+def check_redis(connection: redis.Redis, shown: str) -> None:
+    """Refuse, with the fix, a Redis Cluster node or a Redis too old for the worker's reliable take."""
+    if cluster_enabled(connection):
+        raise ConfigurationError(f"Redis at {shown} is a Redis Cluster node (cluster_enabled:1): {CLUSTER_UNSUPPORTED}")
     text = str(connection.info("server").get("redis_version", "0"))
     version = tuple(int(part) for part in text.split(".")[:2] if part.isdigit())
     if version < OLDEST_REDIS:
         raise ConfigurationError(
-            f"Redis at {safe_url(url)} is version {text}; a signal_queue worker needs Redis "
+            f"Redis at {shown} is version {text}; a signal_queue worker needs Redis "
             f"{'.'.join(map(str, OLDEST_REDIS))} or newer (it takes jobs with LMOVE and LPOS): upgrade Redis"
         )
 
@@ -198,7 +206,7 @@ def run_worker(
     denial, a TLS certificate not trusted; see :mod:`~signal_queue.wire.redis_errors`)
     raises :class:`ConfigurationError` naming it: the CLI exits 2.
     """
-    watch = RedisWatch(url or consumer.redis_url)
+    watch = RedisWatch(redis_source(consumer, url))
     try:
         watch.wait_writable(then="starting the worker")
         watch.check_data(None)
@@ -235,7 +243,7 @@ def run_worker(
                     return worked
             if worker is not None and stop_requested(worker):
                 return False
-            found = classify(fault, watch.url) if fault is not None else None
+            found = classify(fault, watch.source.url) if fault is not None else None
             if found is not None and not found.permanent:
                 assert fault is not None
                 watch.wait_writable(then="starting a new worker", stopped_by=(found, fault))
@@ -288,8 +296,10 @@ class RedisWatch:
     SET with a short expiry on a key of this worker's own (``sq:probe:<host>:<pid>``).
     """
 
-    def __init__(self, url: str, longest: float = 5.0) -> None:
-        self.url = url
+    def __init__(self, source: RedisSource, longest: float = 5.0) -> None:
+        self.source = source
+        #: The Redis as log lines name it (passwords masked).
+        self.shown = source.shown
         self.longest = longest
         self.probe_key = PROBE_KEY.format(f"{socket.gethostname()}:{os.getpid()}")
         #: Redis's run id and marker at the last look (see :mod:`signal_queue.wire.redis_identity`).
@@ -298,23 +308,17 @@ class RedisWatch:
         self._lock = threading.Lock()  # the heartbeat thread may look too
 
     def hide(self, text: str) -> str:
-        return hide_secrets(text, self.url)
+        return self.source.hide(text)
 
     def client(self) -> redis.Redis:
         """A short-lived client that fails fast: no redis-py retries, 2 s timeouts."""
-        try:
-            return redis.Redis.from_url(
-                self.url, socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 0)
-            )
-        except ValueError as exc:
-            raise ConfigurationError(
-                f"Redis URL {safe_url(self.url)} is not valid: {self.hide(str(exc))}"
-            ) from None
+        return self.source.client(socket_connect_timeout=2, socket_timeout=2, retry=Retry(NoBackoff(), 0))
 
     def refused(self, fault: Fault) -> ConfigurationError:
         """The worker's exit line for a fault that waiting does not fix: the cause, and what to fix."""
         return ConfigurationError(
-            f"{fault.line(self.url, 'the worker')}; waiting will not fix this: {fault.fix}, then start the worker again"
+            f"{fault.line(self.shown, 'the worker')}; waiting will not fix this: {fault.fix}, "
+            "then start the worker again"
         )
 
     def wait_writable(self, then: str, stopped_by: tuple[Fault, BaseException] | None = None) -> float:
@@ -332,7 +336,7 @@ class RedisWatch:
             logger.warning(
                 "signal_queue: the worker stopped: Redis at %s %s (%s: %s); waiting until it takes writes again, "
                 "retrying with backoff up to %.0f s",
-                safe_url(self.url), fault.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
+                self.shown, fault.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
             )
         delay = 0.2
         while True:
@@ -341,7 +345,7 @@ class RedisWatch:
                 client.set(self.probe_key, 1, px=PROBE_TTL_MS)
                 break
             except (redis.RedisError, OSError) as exc:
-                found = classify(exc, self.url)
+                found = classify(exc, self.source.url)
                 if found is None:
                     raise
                 if found.permanent:
@@ -349,7 +353,7 @@ class RedisWatch:
                 if found.code != logged:
                     logger.warning(
                         "signal_queue: waiting for Redis at %s: it %s (%s: %s); retrying with backoff up to %.0f s",
-                        safe_url(self.url), found.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
+                        self.shown, found.cause, type(exc).__name__, self.hide(str(exc)), self.longest,
                     )
                     logged = found.code
             finally:
@@ -359,7 +363,7 @@ class RedisWatch:
         waited = time.monotonic() - started
         if logged is not None:
             logger.warning("signal_queue: Redis at %s takes writes again (waited %.1f s); %s",
-                           safe_url(self.url), waited, then)
+                           self.shown, waited, then)
         return waited
 
     def check_data(self, queued: int | None) -> None:
@@ -374,7 +378,7 @@ class RedisWatch:
             except redis.RedisError as exc:
                 if self._unchecked != type(exc).__name__:
                     logger.warning("signal_queue: cannot tell whether Redis at %s kept its data: %s: %s",
-                                   safe_url(self.url), type(exc).__name__, self.hide(str(exc)))
+                                   self.shown, type(exc).__name__, self.hide(str(exc)))
                 self._unchecked = type(exc).__name__
                 return
             finally:
@@ -395,7 +399,7 @@ class RedisWatch:
         elif restarted_with_data(before, now):
             assert before is not None
             logger.info("signal_queue: Redis at %s restarted (run id %s -> %s) and kept its data",
-                        safe_url(self.url), before.run_id, now.run_id)
+                        self.shown, before.run_id, now.run_id)
 
 
 def load_app(import_path: str | None) -> Flask:

@@ -46,6 +46,7 @@ from ..wire.keys import (
     STATS_KEY,
     batch_timeout,
 )
+from ..wire.redis_connect import RedisSource
 from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
 from .capture import PendingEvent
@@ -172,11 +173,11 @@ class Dispatcher:
         batch_size: int,
         spool: Spool,
         max_events_per_send: int = 2000,
-        redis_url: str = "",
+        source: RedisSource | None = None,
     ) -> None:
         self.connection = connection
-        #: The URL of ``connection``, for messages (masked).
-        self.redis_url = redis_url
+        #: Where ``connection`` came from: its URL masks the secrets in messages, ``shown`` names it.
+        self.source = source or RedisSource()
         #: The fault needing a fix that Redis last answered this process with; None once it takes writes,
         #: or fails in a way that passes.
         self.refused: Fault | None = None
@@ -268,7 +269,7 @@ class Dispatcher:
         batches = self.prepare(events)
         refused = self.refused
         if refused is not None:
-            error = f"{refused.line(self.redis_url, 'the app')} (next try in {self.breaker.retry_in:.1f} s)"
+            error = f"{refused.line(self.source.shown, 'the app')} (next try in {self.breaker.retry_in:.1f} s)"
         else:
             error = f"Redis is unavailable (circuit open for {self.breaker.retry_in:.1f} s more)"
         if self.breaker.allow():
@@ -425,7 +426,8 @@ class Dispatcher:
         if self._outage is not None:
             self._outage.spooled += len(events)
         self.report_loss(
-            "spooled", events, f"were spooled to {self.spool.path}: {error}", level=logging.WARNING, count=False
+            "spooled", events, f"were spooled to {self.spool.path}: {error}",
+            level=logging.WARNING, count=False,
         )
 
     def replay(self, limit: int = 50) -> int:
@@ -558,7 +560,7 @@ class Dispatcher:
         A fault that needs a fix is logged at ERROR, with its cause and what to fix,
         when it begins and when its cause changes: not per try.
         """
-        fault = classify(exc, self.redis_url)
+        fault = classify(exc, self.source.url)
         error = str(exc) if isinstance(exc, DeliveryError) else f"{type(exc).__name__}: {exc}"
         if fault is None or not fault.permanent:
             self.refused = None
@@ -567,7 +569,7 @@ class Dispatcher:
         with self._flag_lock:
             new = self.refused is None or self.refused.code != fault.code
             self.refused = fault
-        error = fault.line(self.redis_url, "the app")
+        error = fault.line(self.source.shown, "the app")
         if new:
             logger.error(
                 "signal_queue: %s (pid %d); waiting will not fix this: %s. Meanwhile every event is kept in the "

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import redis
 
-from .redis_url import hide_secrets, safe_url
+from .redis_connect import CLUSTER_UNSUPPORTED, SentinelRefused, cluster_refusal
+from .redis_url import hide_secrets
 
 #: A lost or refused connection.
 CONNECTION = "CONNECTION"
@@ -78,13 +79,16 @@ class Fault:
     #: Permanent: Redis said no (True), or the client could not talk to it (TLS, not Redis: False).
     by_redis: bool = True
 
-    def line(self, url: str, who: str) -> str:
-        """The fault as ``who`` ("the app", "the worker") says it: "Redis at <masked url> refused the worker: ..."."""
+    def line(self, shown: str, who: str) -> str:
+        """The fault as ``who`` ("the app", "the worker") says it: "Redis at <shown> refused the worker: ...".
+
+        ``shown`` names the Redis with its secrets already masked (``RedisSource.shown``).
+        """
         if self.permanent and self.by_redis:
-            return f"Redis at {safe_url(url)} refused {who}: {self.cause}"
+            return f"Redis at {shown} refused {who}: {self.cause}"
         if self.permanent:
-            return f"{who} cannot use Redis at {safe_url(url)}: {self.cause}"
-        return f"Redis at {safe_url(url)} {self.cause}"
+            return f"{who} cannot use Redis at {shown}: {self.cause}"
+        return f"Redis at {shown} {self.cause}"
 
 
 def classify(exc: BaseException, url: str = "") -> Fault | None:
@@ -100,6 +104,12 @@ def classify(exc: BaseException, url: str = "") -> Fault | None:
     if found is None:
         return None
     code = error_code(found)
+    if isinstance(found, SentinelRefused):
+        return _permanent(found, url, "a sentinel refused the credentials", "SENTINEL_AUTH",
+                          "fix sentinel_username / sentinel_password in SIGNAL_QUEUE_REDIS_URL, or the sentinels' "
+                          "requirepass / ACL")
+    if cluster_refusal(found):
+        return _permanent(found, url, "it is a Redis Cluster node", "CLUSTER", CLUSTER_UNSUPPORTED, by_redis=False)
     if isinstance(found, (redis.AuthenticationError, redis.exceptions.AuthenticationWrongNumberOfArgsError)):
         what = ("authentication required: Redis wants a password and the URL gives none" if code == "NOAUTH"
                 else "authentication failed")
@@ -127,13 +137,13 @@ def classify(exc: BaseException, url: str = "") -> Fault | None:
             hint = "; a TLS handshake timed out: if Redis does not speak TLS on that port, the URL must be redis://"
         return Fault(False, TIMEOUT, CAUSES[TIMEOUT] + hint)
     if isinstance(found, (redis.ConnectionError, OSError)):
-        if url.startswith("rediss:") and any(isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError))
-                                             for e in chain):
+        unreadable = (FileNotFoundError, PermissionError, IsADirectoryError)
+        if url.startswith(("rediss:", "rediss+sentinel:")) and any(isinstance(e, unreadable) for e in chain):
             # A TLS connection opens no file but its certificates: a missing ssl_ca_certs or ssl_certfile.
             return _permanent(found, url, "a TLS file the URL names cannot be read", "TLS_FILE",
                               "fix ssl_ca_certs, ssl_certfile or ssl_keyfile in SIGNAL_QUEUE_REDIS_URL", by_redis=False)
         hint = ""
-        if url.startswith("redis:") and any(isinstance(e, ConnectionResetError) for e in chain):
+        if url.startswith(("redis:", "redis+sentinel:")) and any(isinstance(e, ConnectionResetError) for e in chain):
             hint = "; if Redis speaks TLS on that port, the URL must be rediss://"
         return Fault(False, CONNECTION, CAUSES[CONNECTION] + hint)
     return None
