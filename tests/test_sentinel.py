@@ -494,7 +494,9 @@ def test_app_on_redis_cluster_keeps_events_spooled_and_logs_an_error(
     assert state.dispatcher.spool.depth() == (1, 3)
     errors = [r.getMessage() for r in handler.records if r.levelno == logging.ERROR]
     assert len(errors) == 1 and "Redis Cluster is not supported by RQ" in errors[0], errors
-    assert "3 event(s) were spooled" in errors[0]
+    assert "every event is kept in the spool" in errors[0]
+    warnings = [r.getMessage() for r in handler.records if r.levelno == logging.WARNING]
+    assert any("3 event(s) were spooled" in w and "Redis Cluster node" in w for w in warnings), warnings
     info = flask_cli(fault_env(cluster.url, tmp_path / "handled.log", tmp_path / "cli.sqlite3"), "info")
     assert info.returncode != 0 and "Redis Cluster is not supported by RQ" in info.stderr, info.stdout + info.stderr
 
