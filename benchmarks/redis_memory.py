@@ -1,12 +1,16 @@
 """Redis memory: bytes per event waiting in the queue, and per handled event still held afterwards.
 
-    python benchmarks/redis_memory.py [--events 20000] [--rate 0] [--after 60]
+    python benchmarks/redis_memory.py [--events 20000] [--rate 0 | --per-job K] [--after 60]
 
 A private redis-server; the app of :mod:`benchmarks.memory_app` (Flask-Login
 user, ten request headers, a path with a query string) serves ``--events``
 requests with the Flask test client, each sending one deferred signal, at
 ``--rate`` requests per second (0: as fast as one thread goes), with no worker
-running. Then:
+running. How many events a batch job carries depends on how many a process
+gathers per send (its rate times ``SIGNAL_QUEUE_LINGER``, 10 ms): ``--per-job K``
+makes every job carry K events whatever this machine's speed, as a process
+gathering K events per send does (``SIGNAL_QUEUE_BATCH_SIZE=K``, a linger of
+10 s, and the benchmark sends after every K requests). Then:
 
 1. waiting: Redis's ``used_memory`` over the empty baseline, per event, and the
    keys by kind (``MEMORY USAGE ... SAMPLES 0`` summed per key pattern);
@@ -15,7 +19,10 @@ running. Then:
    with the worker still running, what is left over the baseline, per event,
    and the keys by kind with their TTLs.
 
-No assertion: the figures go to benchmarks/RESULTS.md.
+The private Redis runs with ``latency-tracking no``: Redis 7's per-command
+latency histograms (~20 KiB per command name, made at its first call and kept)
+would count a constant ~1 MB as if events held it. No assertion: the figures go
+to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -95,10 +102,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=20_000, help="requests, one event each (e.g. 200000)")
     parser.add_argument("--rate", type=float, default=0, help="requests per second (0: as fast as it goes)")
+    parser.add_argument("--per-job", type=int, default=0, help="events per batch job (0: as the default settings "
+                                                                 "make them at this rate)")
     parser.add_argument("--after", type=float, default=60, help="seconds to wait after the last event was handled")
     args = parser.parse_args()
+    if args.per_job:
+        os.environ.update(SIGNAL_QUEUE_BATCH_SIZE=str(args.per_job), SIGNAL_QUEUE_LINGER="10")
 
-    server = RedisProcess()
+    # Redis 7 keeps a latency histogram per command name (~20 KiB each, made at its first call, kept
+    # for good): a constant, not memory the events hold, so it is turned off here.
+    server = RedisProcess(args=("--latency-tracking", "no"))
     server.start()
     os.environ["SIGNAL_QUEUE_REDIS_URL"] = server.url
     import redis
@@ -124,6 +137,8 @@ def main() -> int:
             response = client.get(memory_app.path(i), headers=memory_app.headers(i))
             if response.status_code != 200:
                 raise SystemExit(f"request {i}: {response.status}")
+            if args.per_job and (i + 1) % args.per_job == 0:
+                state.outbox.flush()  # a send of K events: one job
         state.outbox.flush()
         emitted = time.perf_counter() - started
         wait_for("the events to reach Redis", lambda: int(conn.hget("sq:stats", "enqueued") or 0) >= args.events, 60)
