@@ -129,8 +129,8 @@ def main() -> int:
         conn = redis.Redis.from_url(url)
         queue = Queue("signals", connection=conn, serializer=JSONSerializer)
         say(
-            f"queue 'signals': {queue.count} jobs waiting, {queue.finished_job_registry.count} finished, "
-            f"{queue.failed_job_registry.count} failed (a job carries a batch of events); "
+            f"queue 'signals': {queue.count} jobs waiting, {int(conn.hget('sq:stats', 'handled') or 0)} events "
+            f"handled, {queue.failed_job_registry.count} failed (a job carries a batch of events); "
             f"workers: {len(Worker.all(connection=conn))}"
         )
         return 0

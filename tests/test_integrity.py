@@ -110,7 +110,9 @@ def test_clients_request_id_never_keys_a_snapshot(conn: redis.Redis, redis_url: 
 def test_job_edited_in_redis_is_refused_and_nothing_it_names_is_called(
     conn: redis.Redis, redis_url: str, hooks: Hooks
 ) -> None:
-    """Webhooks, callbacks, dependencies, repeats, unknown fields and larger settings: refused, never acted on."""
+    """Webhooks, callbacks, dependencies, repeats, unknown fields and larger settings: refused, never acted on.
+
+    A larger result TTL is not refused but cut to the worker's own (test_redis_memory)."""
     edits: dict[str, dict[str, Any]] = {
         "webhook": {
             "webhooks": json.dumps(
@@ -121,7 +123,6 @@ def test_job_edited_in_redis_is_refused_and_nothing_it_names_is_called(
         "depends": {"dependency_ids": json.dumps(["other"]), "dependency_id": "other"},
         "repeat": {"repeats_left": 3, "repeat_intervals": "[0]"},
         "unknown": {"x_custom": "1"},
-        "keepresult": {"result_ttl": -1},
         "longtimeout": {"timeout": 10**6},
         "keepfailure": {"failure_ttl": 10**9},
         "moreretries": {"retries_left": 99},

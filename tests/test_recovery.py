@@ -153,21 +153,21 @@ def test_always_failing_event_is_requeued_after_the_fix(tmp_path: Path, conn: re
 def test_jobs_queued_before_a_setting_was_lowered_run_after_a_requeue(
     tmp_path: Path, conn: redis.Redis, redis_url: str
 ) -> None:
-    """A worker refuses a result TTL larger than its own; `requeue` gives the job this worker's settings."""
-    app = create_app(SIGNAL_QUEUE_RESULT_TTL=5000)  # the app as it was configured before the change
+    """A worker refuses a failure TTL larger than its own; `requeue` gives the job this worker's settings."""
+    app = create_app(SIGNAL_QUEUE_FAILURE_TTL=10**8)  # the app as it was configured before the change
     with app.app_context():
         misc.send("shop", value="queued-before")
     drain(app)
-    run_worker(APP, redis_url)  # today's config: SIGNAL_QUEUE_RESULT_TTL 500
+    run_worker(APP, redis_url)  # today's config: SIGNAL_QUEUE_FAILURE_TTL one year
     [job_id] = [j.decode() for j in conn.zrange("rq:failed:signals", 0, -1)]
     assert records(conn) == []
     spool = tmp_path / "spool.sqlite3"
     [row] = json.loads(flask_cli(redis_url, spool, "failed", "--json").stdout)
-    assert "field 'result_ttl' is 5000, more than this worker sets (500)" in row["error"]
+    assert "field 'failure_ttl' is 100000000, more than this worker sets (31536000)" in row["error"]
 
     out = flask_cli(redis_url, spool, "requeue", "--all", "--json")
     assert json.loads(out.stdout) == {"requeued": [job_id]}
-    assert conn.hget(f"rq:job:{job_id}", "result_ttl") == b"500"
+    assert conn.hget(f"rq:job:{job_id}", "failure_ttl") == b"31536000"
     run_worker(APP, redis_url)
     assert [r["kwargs"]["value"] for r in records(conn)] == ["queued-before"]
     assert conn.zcard("rq:failed:signals") == 0

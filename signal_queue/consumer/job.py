@@ -14,6 +14,7 @@ registry with the reason, and the worker goes on.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,7 @@ from rq.exceptions import DeserializationError
 from rq.job import Job, JobStatus
 
 from ..exceptions import EventRejected, UnknownReceiver
-from ..wire.keys import ATTEMPT_FIELD, BATCH_RETRIES, RUN_EVENT, RUN_EVENTS, batch_timeout
+from ..wire.keys import ATTEMPT_FIELD, BATCH_RETRIES, DONE_FIELD, RUN_EVENT, RUN_EVENTS, batch_timeout
 from ..wire.receivers import receivers
 from .rq_compat import CompatJob, parse_rq_time
 from .run import JOB_FUNCTIONS, Consumer, bound
@@ -68,6 +69,7 @@ class SignalJob(CompatJob):
         consumer = bound()
         if not problems and consumer is not None:
             problems = _settings_problems(self, consumer)
+            self.result_ttl = kept_for(self.result_ttl, consumer.result_ttl)
         self._refusal = "; ".join(problems) if problems else None
         if self._refusal is not None:
             self.retries_left = None  # a refused job can never succeed: not retried
@@ -133,6 +135,15 @@ def _int_list(value: bytes) -> str | None:
     return None
 
 
+_MARKS = re.compile(rb"(,\d{1,9})*")
+
+
+def _marks(value: bytes) -> str | None:
+    if _MARKS.fullmatch(value) is None:
+        return f"must be a list of event indexes (',0,1'), got {value[:60]!r}"
+    return None
+
+
 def _flag(value: bytes) -> str | None:
     return None if value in (b"0", b"1") else f"must be 0 or 1, got {value[:40]!r}"
 
@@ -170,6 +181,7 @@ _FIELDS: dict[str, Callable[[bytes], str | None]] = {
     "result": _anything,  # likewise
     "exc_info": _anything,  # text
     ATTEMPT_FIELD: _int(0),
+    DONE_FIELD: _marks,
 }
 
 
@@ -217,13 +229,22 @@ def worker_settings(job: Job, consumer: Consumer) -> dict[str, int]:
     return {"timeout": timeout, "result_ttl": consumer.result_ttl, "failure_ttl": consumer.failure_ttl}
 
 
+def kept_for(asked: int | None, most: int) -> int:
+    """How long the worker keeps a finished job that asks for ``asked`` seconds: never longer than
+    its own ``SIGNAL_QUEUE_RESULT_TTL`` (``most``; -1 is forever). Not a reason to refuse the job:
+    a job queued before the setting was lowered (the default was 500 s) runs, and is not kept."""
+    if asked is None or asked == -1:
+        return most
+    return asked if most == -1 else min(asked, most)
+
+
 def _settings_problems(job: Job, consumer: Consumer) -> list[str]:
-    """Settings the worker would act on that are larger than it sets itself (a job cannot outlive its
-    TTLs, outrun its alarm or retry more than its receiver allows because Redis said so)."""
+    """Settings the worker would act on that are larger than it sets itself (a job cannot outrun its
+    alarm, outlive its failure TTL or retry more than its receiver allows because Redis said so; its
+    result TTL is cut to the worker's own instead, see :func:`kept_for`)."""
     timeouts, retries = _event_limits(job, consumer)
     limits = {
         "timeout": (job.timeout, timeouts),
-        "result_ttl": (job.result_ttl, consumer.result_ttl),
         "failure_ttl": (job.failure_ttl, consumer.failure_ttl),
         "retries_left": (job.retries_left, retries),
     }

@@ -43,7 +43,7 @@ import redis
 import rq
 from rq import Queue, SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
-from rq.exceptions import DequeueTimeout, DeserializationError, StopRequested
+from rq.exceptions import DequeueTimeout, DeserializationError, InvalidJobOperation, StopRequested
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
@@ -83,10 +83,16 @@ MIRRORED = {
     "rq.scheduler.RQScheduler.work": "5d1810bdd4392089",
     "rq.scheduler.RQScheduler.request_stop": "3b064bb4d72ed53f",
     "rq.timeouts.BaseDeathPenalty.__init__": "a13b463409540ce1",
+    # restore reads a missing field as an empty one: producer.dispatcher.NewJob leaves empty ones out
     "rq.job.Job.restore": "859daf950a3ede0b",
-    "rq.job.Job.to_dict": "9e1a56a9cd4b57e5",  # the fields SignalJob's allow-list knows
+    "rq.job.Job.to_dict": "9e1a56a9cd4b57e5",  # the fields SignalJob's allow-list knows, the empty ones
     "rq.job.Job._deserialize_data": "00c06178d415b147",
     "rq.job.Job.prepare_for_execution": "4e8e0eca634da20b",
+    # a finished job is deleted (result TTL 0): delete reads the stored status first, and raises without it
+    "rq.job.Job.delete": "1a15005871aa9579",
+    "rq.job.Job._remove_from_registries": "53ca8ad3a8438edb",
+    "rq.job.Job._fetch_status": "a9a4c55465726f19",
+    "rq.worker.BaseWorker.handle_job_success": "9dda7c7d3ca18ee6",
     "rq.queue.Queue.acquire_maintenance_lock": "ebdce3e6d60ef394",
     "rq.queue.Queue.dequeue_any": "2452e56ad5197396",  # replaced by a reliable take
     "rq.queue.Queue.lmove": "7aa797ad300b8aec",  # the intermediate list a taken job waits in, and its end
@@ -193,6 +199,24 @@ class CompatJob(Job):
 
     def starting(self, pipeline: Any) -> None:
         """Add to the pipeline that marks the job started (it costs no round trip)."""
+
+    def delete(self, pipeline: Any = None, remove_from_queue: bool = True, delete_dependents: bool = False) -> None:
+        # rq 3.0 Job.delete first reads the job's stored status (_remove_from_registries calls
+        # _fetch_status, to know which registry holds it) and raises InvalidJobOperation if there
+        # is none. BaseWorker.handle_job_success deletes a finished job this way when its result
+        # TTL is 0: a job whose hash vanished while it ran (Redis restarted without its data, a
+        # purge) would fail there after it ran, and RQ's retry would run it again. The heartbeat
+        # may have written a new hash meanwhile, with only `last_heartbeat`. A job without a
+        # status is in no registry by status: what is left of it is deleted, as RQ's delete does.
+        try:
+            super().delete(pipeline, remove_from_queue, delete_dependents)
+        except InvalidJobOperation:
+            if self.connection.hexists(self.key, "status"):
+                raise
+            connection = pipeline if pipeline is not None else self.connection
+            self.execution_registry.delete(job=self, pipeline=connection)  # type: ignore[arg-type]
+            result_key = Result.get_key(self.id)  # type: ignore[no-untyped-call]
+            connection.delete(self.key, self.dependents_key, self.dependencies_key, result_key)
 
 
 class RedisFault(StopRequested):

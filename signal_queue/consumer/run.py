@@ -45,8 +45,8 @@ from ..wire.event import Event, new_id, resolve_shared_request
 from ..wire.keys import (
     ATTEMPT_FIELD,
     BATCH_RETRIES,
+    DONE_FIELD,
     DONE_KEY,
-    DONE_TTL,
     RUN_EVENT,
     RUN_EVENTS,
     STATS_KEY,
@@ -312,11 +312,11 @@ def _count(job: Job | None, outcome: str) -> None:
 def run_events(payloads: Any, requests: Any = None) -> None:
     """Job function for a batch: run each event once, in order; spin failures off as their own jobs.
 
-    Each finished event is marked in ``sq:done:<job id>`` (in pipelines, every
-    few events), so a rerun of the batch after a crashed worker skips what was
-    done; an event that fails becomes a single-event job that RQ retries with
-    the receiver's ``Retry`` or records in the failed registry, so it never
-    makes the rest of the batch run again. Events a stopping worker did not
+    Each finished event is marked in the job's hash (field ``sq_done``, in
+    pipelines, every few events), so a rerun of the batch after a crashed
+    worker skips what was done; an event that fails becomes a single-event job
+    that RQ retries with the receiver's ``Retry`` or records in the failed
+    registry, so it never makes the rest of the batch run again. Events a stopping worker did not
     run go back to the front of the queue as a new batch job (:func:`hand_back`).
     """
     consumer = _bound_or_fail()
@@ -555,10 +555,29 @@ def event_timeout(seconds: int) -> Iterator[None]:
             signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001))
 
 
-class _DoneMarks:
-    """Which events of a batch job have finished, kept in Redis so a rerun skips them.
+#: Appends done marks (",3,4") to the field ARGV[1] of the job hash KEYS[1], if the hash still exists:
+#: a job deleted meanwhile (RQ's clean-up, a purge) must not come back as a hash holding only marks.
+_ADD_MARKS = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], ARGV[1], (redis.call('HGET', KEYS[1], ARGV[1]) or '') .. ARGV[2])
+end
+return 1
+"""
 
-    Saved in one pipeline every :attr:`FLUSH_EVERY` events, or sooner once
+
+def parse_marks(value: bytes | str | None) -> set[int]:
+    """The event indexes in a job's ``sq_done`` field (",0,1,2"); what is not a number is ignored."""
+    text = value.decode("ascii", "replace") if isinstance(value, bytes) else value or ""
+    return {int(part) for part in text.split(",") if part.isdigit()}
+
+
+class _DoneMarks:
+    """Which events of a batch job have finished, kept in the job's hash so a rerun skips them.
+
+    A field of the hash (:data:`DONE_FIELD`), not a key of its own: the marks
+    exist as long as the job can run again, and go with it (at once when RQ
+    deletes a finished job, ``SIGNAL_QUEUE_RESULT_TTL`` 0), with no TTL to
+    guess. Saved in one pipeline every :attr:`FLUSH_EVERY` events, or sooner once
     :attr:`FLUSH_AFTER` seconds passed since the last save (so slow events are
     marked one by one), with the ``handled`` and ``failed`` counters.
     """
@@ -568,14 +587,18 @@ class _DoneMarks:
 
     def __init__(self, job: Job | None, attempt: int) -> None:
         self.job = job
-        self.key = DONE_KEY.format(job.id) if job is not None else None
+        self.key = job.key if job is not None else None
         self.done: set[int] = set()
         self.handled = 0
         self.failed = 0
         self._unsaved: list[int] = []
         self._saved_at = time.monotonic()
-        if job is not None and self.key is not None and attempt > 1:
-            self.done = {int(i) for i in job.connection.smembers(self.key)}
+        if job is not None and attempt > 1:
+            with job.connection.pipeline(transaction=False) as pipe:
+                pipe.hget(job.key, DONE_FIELD)
+                pipe.smembers(DONE_KEY.format(job.id))  # a batch a worker of 0.1.0 began
+                field, legacy = pipe.execute()
+            self.done = parse_marks(field) | {int(i) for i in legacy if i.isdigit()}
 
     def add(self, index: int) -> None:
         """Event ``index`` was handled: count it, and save the marks when it is time."""
@@ -599,8 +622,7 @@ class _DoneMarks:
         if self.key is None:
             return
         if self._unsaved:
-            pipe.sadd(self.key, *self._unsaved)
-            pipe.expire(self.key, DONE_TTL)
+            pipe.eval(_ADD_MARKS, 1, self.key, DONE_FIELD, "".join(f",{i}" for i in self._unsaved))
         if self.handled:
             pipe.hincrby(STATS_KEY, "handled", self.handled)
         if self.failed:

@@ -30,6 +30,7 @@ from typing import Any
 
 import redis
 from rq import Queue, Retry
+from rq.job import Job
 from rq.queue import EnqueueData
 from rq.serializers import JSONSerializer
 
@@ -158,6 +159,25 @@ class CircuitBreaker:
         return max(0.0, self._open_until - time.monotonic())
 
 
+class NewJob(Job):
+    """RQ's job, saved without the fields a new job leaves empty: callbacks, worker, start and end
+    times, group (RQ writes them as ""). A job hash gets Redis's hashtable encoding (its data is
+    longer than 64 bytes), where a field costs ~70 bytes: ~700 bytes less per waiting job.
+
+    RQ reads a missing field as an empty one (rq 3.0 ``Job.restore`` reads each with ``obj.get``,
+    mirrored in :mod:`signal_queue.consumer.rq_compat`) and writes them when the job starts. Only
+    for jobs this module creates: a save of an existing job must write empty fields, to clear them.
+    """
+
+    def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
+        return {name: value for name, value in super().to_dict(include_meta, include_result).items() if value != ""}
+
+
+#: Seconds the sent-markers of confirmed sends may wait for a next send to delete them, before an
+#: idle sender deletes them with a round trip of its own.
+MARKERS_WAIT = 0.5
+
+
 class Dispatcher:
     """Enqueues pending events as batched RQ jobs; spools them when Redis cannot take them."""
 
@@ -201,6 +221,11 @@ class Dispatcher:
         #: Job ids this process replayed whose rows it could not delete (a full disk).
         self._sent_not_deleted: dict[str, int] = {}  # job id: events
         self._outage: Outage | None = None
+        #: Batches known to be in no spool (their send was confirmed, or their spool row deleted):
+        #: their sent-markers are deleted with the next send, or by the idle sender.
+        self._confirmed: list[str] = []
+        self._confirmed_at = 0.0
+        self._confirmed_lock = threading.Lock()
         self._publish = connection.register_script(_PUBLISH_COUNTS)
         spool.on_lost = self._lost_with_spool
         #: True when the spool may hold batches waiting for a replay.
@@ -232,6 +257,8 @@ class Dispatcher:
                 os.getpid(), outage.summary(time.monotonic()), self._spool_state(),
             )
             self._outage = None
+        if self.healthy:
+            self.forget_markers()
         self.spool.close()
         self.connection.close()
 
@@ -244,6 +271,8 @@ class Dispatcher:
         self._outage = None
         self.refused = None
         self._sent_not_deleted = {}
+        self._confirmed = []  # the parent's to delete
+        self._confirmed_lock = threading.Lock()
 
     @property
     def healthy(self) -> bool:
@@ -256,7 +285,7 @@ class Dispatcher:
         if q is None:
             with self._lock:
                 q = self._queues.setdefault(
-                    name, Queue(name, connection=self.connection, serializer=JSONSerializer)
+                    name, Queue(name, connection=self.connection, serializer=JSONSerializer, job_class=NewJob)
                 )
         return q
 
@@ -280,6 +309,7 @@ class Dispatcher:
                 error = self._failed(exc)
             else:
                 self.breaker.succeeded()
+                self._confirm([b.job_id for b in batches])  # never spooled: their markers can go
                 if self._reconnected:
                     self.check_redis_data()
                 self.counters["enqueued"] += len(events)
@@ -320,8 +350,12 @@ class Dispatcher:
         """Enqueue ``batches`` atomically (MULTI/EXEC), each with its sent-marker, or raise DeliveryError.
 
         The marker ``sq:sent:<job id>`` lets a replay tell a batch that did reach
-        Redis (the reply was lost) from one that did not.
+        Redis (the reply was lost) from one that did not, once its job is gone.
+        The same transaction deletes the markers of batches confirmed since the
+        last send: they are in no spool, so nothing will ask.
         """
+        with self._confirmed_lock:
+            obsolete, self._confirmed = self._confirmed, []
         by_queue: dict[str, list[EnqueueData]] = defaultdict(list)
         for b in batches:
             by_queue[b.queue].append(
@@ -342,10 +376,43 @@ class Dispatcher:
                     self.queue(name).enqueue_many(datas, pipeline=pipe)
                 for b in batches:
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
+                if obsolete:
+                    pipe.delete(*(SENT_KEY.format(job_id) for job_id in obsolete))
                 pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
+            self._confirm(obsolete)  # deleted or not: the next send deletes them (again)
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+
+    # -- sent-markers no spool needs ---------------------------------------------------
+
+    def _confirm(self, job_ids: Sequence[str]) -> None:
+        """Note batches that are in no spool: their sent-markers are deleted with the next send."""
+        if not job_ids:
+            return
+        with self._confirmed_lock:
+            if not self._confirmed:
+                self._confirmed_at = time.monotonic()
+            self._confirmed.extend(job_ids)
+
+    def markers_due(self, waited: float = MARKERS_WAIT) -> bool:
+        """True if sent-markers no spool needs have waited ``waited`` seconds for a send to delete them."""
+        return bool(self._confirmed) and time.monotonic() - self._confirmed_at >= waited
+
+    def forget_markers(self, job_ids: Sequence[str] = ()) -> None:
+        """Delete the sent-markers of ``job_ids`` and of every batch confirmed so far, in one round trip.
+
+        Never raises: what Redis did not take waits for the next send (and expires after SENT_TTL).
+        """
+        with self._confirmed_lock:
+            ids, self._confirmed = [*self._confirmed, *job_ids], []
+        if not ids:
+            return
+        try:
+            self.connection.delete(*(SENT_KEY.format(job_id) for job_id in ids))
+        except (redis.RedisError, OSError) as exc:
+            logger.debug("signal_queue: cannot delete %d sent-marker(s) yet: %s", len(ids), exc)
+            self._confirm(ids)
 
     # -- Redis restarted empty ------------------------------------------------------------
 
@@ -433,9 +500,10 @@ class Dispatcher:
     def replay(self, limit: int = 50) -> int:
         """Send spooled batches while Redis takes them; return how many events went out.
 
-        A batch whose sent-marker exists already reached Redis: it is dropped
-        from the spool, not sent again. One process of the host replays at a
-        time; the others leave it to that one (it sends their batches too).
+        A batch whose job hash or sent-marker exists already reached Redis: it
+        is dropped from the spool, not sent again. One process of the host
+        replays at a time; the others leave it to that one (it sends their
+        batches too).
         """
         if time.monotonic() < self._spool_retry_at:
             return 0
@@ -479,6 +547,7 @@ class Dispatcher:
                 return sent + fresh
             for b in claimed:
                 self._sent_not_deleted.pop(b.job_id, None)
+            self.forget_markers([b.job_id for b in claimed])  # their rows are gone: no replay asks
             sent += fresh
         return sent
 
@@ -520,13 +589,18 @@ class Dispatcher:
                 continue  # still full: the rows wait, and are not sent again
             for b in rows:
                 self._sent_not_deleted.pop(b.job_id, None)
+            self.forget_markers([b.job_id for b in rows])
         return sent
 
     def _send_new(self, batches: Sequence[SpooledBatch]) -> int:
-        """Send the batches whose sent-marker is missing; count them; return how many events went."""
+        """Send the batches that never reached Redis; count them; return how many events went.
+
+        A batch reached Redis if its job hash is there (it waits, runs, or is kept) or its
+        sent-marker is (its job ran and is gone).
+        """
         with self.connection.pipeline(transaction=False) as pipe:
             for b in batches:
-                pipe.exists(SENT_KEY.format(b.job_id))
+                pipe.exists(SENT_KEY.format(b.job_id), NewJob.key_for(b.job_id))
             arrived = pipe.execute()
         fresh = [b for b, there in zip(batches, arrived, strict=True) if not there]
         if fresh:

@@ -197,6 +197,8 @@ class Outbox:
                 dispatcher.replay()  # Redis is back (or may be): send what was spooled
             elif dispatcher.counts_unpublished and dispatcher.healthy:
                 dispatcher.publish_counts()  # this host's counts of spooled and lost events, into sq:stats
+            elif dispatcher.markers_due() and dispatcher.healthy:
+                dispatcher.forget_markers()  # no send came to delete them: a quiet app leaves none behind
             # Idle is announced before the last look, so an event put after
             # that look always finds _idle set and wakes us.
             self._idle = True

@@ -26,12 +26,19 @@ STATS_FROM_KEY = "sq:stats:from:{0}"
 STATS_FROM_TTL = 400 * 24 * 3600
 
 #: Marks a batch job as enqueued, so a replay of the spool skips a batch whose reply was lost.
+#: Written in the transaction that enqueues the batch. The app deletes it once it knows the batch
+#: is in no spool: with its next send after the reply came, or when the batch's spool row is gone.
 SENT_KEY = "sq:sent:{0}"
+#: Only markers whose reply was lost (their batch waits in a spool) or whose process died before
+#: deleting them live this long: longer than any outage a spool is meant to bridge.
 SENT_TTL = 7 * 24 * 3600
 
-#: The indexes of a batch's finished events, so a rerun of the batch skips them.
+#: The field of a batch job's hash that lists its finished events (",0,1,2"), so a rerun of the
+#: batch skips them. A field, not a key: the marks last exactly as long as the job can run again.
+DONE_FIELD = "sq_done"
+#: Where 0.1.0 kept the marks (a set with a TTL): still read, so that a batch an
+#: earlier worker began is not run twice by a worker of this release.
 DONE_KEY = "sq:done:{0}"
-DONE_TTL = 7 * 24 * 3600
 
 #: A key that only a loss of Redis's data removes: set once (no TTL) by the first app or worker
 #: that finds it missing, with a random token as its value. Each side remembers the token with
