@@ -87,11 +87,11 @@ def emit_hidden(events: int) -> None:
     conn.rename(QUEUE, HIDDEN)
 
 
-def sq_round(events: int, profile: Path | None = None) -> dict[str, float]:
+def sq_round(events: int, profile: Path | None = None, level: str = "WARNING") -> dict[str, float]:
     conn.flushall()
     emit_hidden(events)
     cmd = [sys.executable, "worker.py", "--app", "benchmarks.worker_app:app", "--no-scheduler",
-           "--logging-level", "WARNING"]
+           "--logging-level", level]
     worker = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     spies: list[subprocess.Popen[bytes]] = []
     try:
@@ -159,17 +159,19 @@ def main() -> int:
     parser.add_argument("--celery-events", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", type=Path, help="directory for py-spy profiles of one extra round")
+    parser.add_argument("--logging-level", default="WARNING",
+                        help="the worker's (INFO writes one line per event, to /dev/null here)")
     args = parser.parse_args()
     rows: list[tuple[str, dict[str, float]]] = []
     try:
         for _ in range(args.rounds):
-            rows.append(("signal_queue default worker", sq_round(args.events)))
+            rows.append(("signal_queue default worker", sq_round(args.events, level=args.logging_level)))
             rows.append(("Celery --pool=solo", celery_round(args.celery_events)))
         if args.profile is not None:
             if not Path(PY_SPY).exists():
                 raise SystemExit("--profile needs py-spy on PATH (pip install py-spy)")
             args.profile.mkdir(parents=True, exist_ok=True)
-            sq_round(args.events, args.profile)
+            sq_round(args.events, args.profile, args.logging_level)
     finally:
         server.stop()
     print(f"\n{'worker':30} {'events/s':>9} {'worker us':>10} {'handler us':>11} {'redis us':>9} {'load':>5}")

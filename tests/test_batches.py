@@ -83,22 +83,22 @@ def worker(server: RedisProcess, tmp_path: Path) -> Iterator[subprocess.Popen[by
 def test_crashes_between_wakes_run_every_other_event_once(
     tmp_path: Path, client: redis.Redis, app: Flask, worker: subprocess.Popen[bytes]
 ) -> None:
-    """A batch of 40: an os._exit two answers after a wake, a segfault two answers after the next one. The
-    answers the worker was not woken for are settled (not run again), each crash fails alone and is retried
-    once on its own, and every other event runs exactly once."""
+    """A batch of 60: an os._exit two answers after a wake, a segfault two answers after a wake of the next
+    handler process. The answers the worker was not woken for are settled (not run again), each crash fails
+    alone and is retried once on its own, and every other event runs exactly once."""
     from tests.batch_app import crash, step
 
     log = tmp_path / "handled.log"
     steps = 0
     with app.app_context():
-        for position in range(40):
+        for position in range(3 * WAKE_EVERY):
             if position in (WAKE_EVERY + 2, 2 * WAKE_EVERY + 5):
                 crash.send("test", n=position, how="exit" if position < 2 * WAKE_EVERY else "segfault")
             else:
                 step.send("test", n=position)
                 steps += 1
     drain(app)
-    assert client.llen("rq:queue:signals") == 1, "the 40 events travel in one job"
+    assert client.llen("rq:queue:signals") == 1, "the events travel in one job"
     wait_until("the batch and the retries to settle", lambda: settled(client) and len(entries(log, "start")) >= 4,
                60)
     ran = collections.Counter(r[4] for r in entries(log, "ran"))

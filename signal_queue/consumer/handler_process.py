@@ -36,6 +36,7 @@ the next event starts either way, so what the worker learns after a crash is the
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import mmap
@@ -80,8 +81,10 @@ logger = logging.getLogger("signal_queue")
 #: for one that cannot be interrupted (C code holding the GIL, an alarm caught and ignored).
 HARD_KILL_GRACE = 2.0
 
-#: The child wakes the worker after this many answers (and after a failure, and at the end of a job's events).
-WAKE_EVERY = 16
+#: The child wakes the worker after this many answers (and after a failure, and at the end of a job's events):
+#: as many as the worker's done marks are saved for at once, so no more finished events than that wait
+#: unmarked (see :class:`~.run._DoneMarks`).
+WAKE_EVERY = 20
 
 #: Longest the worker waits for a wake before it reads the answers anyway and looks at the clock and the child:
 #: the longest an answer waits to be settled (an event's done mark, its log line).
@@ -491,6 +494,9 @@ def _serve(
         use_runner(None)
         consumer.after_fork()
         connection = redis.Redis.from_url(consumer.redis_url) if consumer.redis_url else None
+        # What came from the worker (the app, its modules) lives as long as this process: out of the
+        # collector's way, it is not walked (and its pages not copied) at every full collection.
+        gc.freeze()
         while True:
             try:
                 message = jobs.recv()

@@ -30,6 +30,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -112,6 +113,7 @@ MIRRORED = {
     "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
     "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
+    "rq.worker.BaseWorker.set_state": "bb8d4f1d93ff078b",  # "idle" again before each take: skipped
     "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",
     "rq.worker.BaseWorker.should_run_maintenance_tasks.fget": "eda86dbb1a00e8a8",
     "rq.worker_registration.register": "757bc1c839a259c8",
@@ -225,6 +227,13 @@ class FaultAwareWorker(BaseWorker):
     #: Called (with ``queued_seen`` before that heartbeat) after the worker registered again.
     on_registration_lost: Callable[[int | None], None] | None = None
     _pubsub_failing = False
+    #: Least seconds between two looks at ``rq suspend``, and between two of the heartbeats RQ's loop
+    #: sends between jobs: rq 3.0 sends three of these and one look per job, each a round trip, for a
+    #: registration that lives ``worker_ttl`` (30 s or more). With jobs of a few milliseconds they
+    #: were most of the worker's own work; a suspension now takes effect within this bound.
+    LOOK_AT_MOST_EVERY = 1.0
+    _suspension_seen_at = -math.inf
+    _beaten_at = -math.inf
 
     def _fault(self, exc: redis.RedisError) -> RedisFault:
         self.redis_fault = exc
@@ -233,10 +242,13 @@ class FaultAwareWorker(BaseWorker):
     # rq 3.0 BaseWorker.work calls these five in its loop; each talks to Redis.
 
     def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_seen_at < self.LOOK_AT_MOST_EVERY:
+            return
         try:
             super().check_for_suspension(burst)
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
+        self._suspension_seen_at = time.monotonic()
 
     def run_maintenance_tasks(self) -> None:
         try:
@@ -267,6 +279,8 @@ class FaultAwareWorker(BaseWorker):
         if pipeline is not None:  # part of RQ's own pipeline (job start, job heartbeats)
             super().heartbeat(timeout, pipeline)
             return
+        if timeout is None and time.monotonic() - self._beaten_at < self.LOOK_AT_MOST_EVERY:
+            return
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 super().heartbeat(timeout, pipe)
@@ -280,6 +294,14 @@ class FaultAwareWorker(BaseWorker):
                 self.register_again(queued_before)
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
+        self._beaten_at = time.monotonic()
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # rq 3.0 BaseWorker.set_state: HSET state (a round trip of its own without a pipeline). RQ's
+        # loop sets "idle" after each job and again before the next take: Redis has it already.
+        if pipeline is None and state == WorkerStatus.IDLE and self.get_state() == WorkerStatus.IDLE:
+            return
+        super().set_state(state, pipeline)
 
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
         # rq 3.0 BaseWorker._pubsub_exception_handler: the thread that listens for `rq` commands

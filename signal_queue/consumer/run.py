@@ -526,7 +526,12 @@ events_logger = logging.getLogger("signal_queue.events")
 
 
 def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
-    """One structured line per event run: id, signal, receiver, attempt, duration, outcome."""
+    """One structured line per event run: id, signal, receiver, attempt, duration, outcome.
+
+    The record is made here and handed to the logger's handlers as ``Logger.info``
+    would, without its look up the stack for the caller (this function, always):
+    a worker writes one per event.
+    """
     if not events_logger.isEnabledFor(logging.INFO):
         return
     data = payload if isinstance(payload, dict) else {}
@@ -538,11 +543,21 @@ def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
         "duration_ms": round(outcome.seconds * 1000, 3),
         "outcome": outcome.kind,
     }
+    message = (
+        f"event_id={fields['event_id']} signal={fields['signal']} receiver={fields['receiver']} "
+        f"attempt={attempt} duration_ms={fields['duration_ms']} outcome={outcome.kind}"
+    )
     if outcome.failure is not None:
         fields["error"] = outcome.failure.summary
-    events_logger.info(
-        " ".join(f"{k}={v}" for k, v in fields.items()), extra={"signal_queue": fields}
-    )
+        message += f" error={fields['error']}"
+    events_logger.handle(events_logger.makeRecord(
+        events_logger.name, logging.INFO, __file__, _LOG_LINE, message, (), None, "_log_event",
+        {"signal_queue": fields},
+    ))
+
+
+#: The line _log_event's records name (Logger.info would find it on the stack).
+_LOG_LINE = _log_event.__code__.co_firstlineno
 
 
 def _exc_text(exc: BaseException) -> str:
