@@ -905,46 +905,27 @@ class CompatWorker(SimpleWorker):
     def taking(self, value: tuple[str, Queue] | None) -> None:
         CompatQueue.taken = value
 
+    _heartbeats: _Heartbeats | None = None
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread.
         self.taking = (job.id, queue)
         execution = self.prepare_execution(job)
-        stop = threading.Event()
-        beat = threading.Thread(
-            target=self._beat, args=(job, execution, stop), name="signal_queue-heartbeat", daemon=True
-        )
-        beat.start()
+        if self._heartbeats is None:
+            self._heartbeats = _Heartbeats(self)
+        self._heartbeats.watch(job, execution)
         try:
             self.perform_job(job, queue, execution)
         finally:
-            stop.set()
-            beat.join()
+            self._heartbeats.unwatch()
         self.taking = None
         self.set_state(WorkerStatus.IDLE)
 
-    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
-        interval = max(self.heartbeat_ttl / 3, 0.5)
-        failing: str | None = None
-        # After a failure, try every half second: once Redis takes writes again, the
-        # job's entry must be renewed before another worker's clean-up finds it expired.
-        while not stop.wait(0.5 if failing else interval):
-            try:
-                # rq 3.0 BaseWorker.maintain_heartbeats: the job's, the execution's and the worker's.
-                self.maintain_heartbeats(job, execution)
-                if isinstance(self, FaultAwareWorker) and not self.connection.sismember(
-                    self.redis_workers_keys, self.key
-                ):
-                    self.register_again(self.queued_seen)  # Redis lost it while this job ran
-            except Exception as exc:
-                cause = transient_cause(exc)
-                if (cause or type(exc).__name__) != failing:  # one line per cause, not one per try
-                    self.log.warning("signal_queue: job %s heartbeat failed%s (%s: %s); retrying", job.id,
-                                     f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
-                failing = cause or type(exc).__name__
-                continue
-            if failing:
-                self.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
-                failing = None
+    def close_heartbeats(self) -> None:
+        """End the heartbeat thread (the worker is done)."""
+        if self._heartbeats is not None:
+            self._heartbeats.close()
+            self._heartbeats = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # rq 3.0 BaseWorker.get_heartbeat_ttl: ours is renewed by the thread, not per job timeout.
@@ -1045,6 +1026,83 @@ class CompatWorker(SimpleWorker):
         if not self.connection.eval(_RETURN_UNTAKEN, len(keys), *keys, job_id, *stale):
             return None  # it was started (the started registry recovers it) or already returned
         return job_id
+
+
+class _Heartbeats:
+    """A worker's heartbeat thread: renews the running job's heartbeats every third of ``heartbeat_ttl``.
+
+    One thread for the worker's life, told of each job as it starts and ends: a
+    thread started and joined per job cost two thread switches between jobs.
+    """
+
+    def __init__(self, worker: CompatWorker) -> None:
+        self.worker = worker
+        self._changed = threading.Condition()
+        self._beating = threading.Lock()  # held while a heartbeat is sent
+        self._current: tuple[Job, Any] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="signal_queue-heartbeat", daemon=True)
+        self._thread.start()
+
+    def watch(self, job: Job, execution: Any) -> None:
+        """Renew ``job``'s heartbeats from now until :meth:`unwatch`."""
+        with self._changed:
+            self._current = (job, execution)
+            self._changed.notify()
+
+    def unwatch(self) -> None:
+        """Stop renewing the job's heartbeats; one being sent is finished first (as a join would)."""
+        with self._beating, self._changed:
+            self._current = None
+            self._changed.notify()
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        worker = self.worker
+        interval = max(worker.heartbeat_ttl / 3, 0.5)
+        failing: str | None = None
+        while True:
+            with self._changed:
+                while self._current is None and not self._closed:
+                    self._changed.wait()
+                if self._closed:
+                    return
+                current = self._current
+                # After a failure, try every half second: once Redis takes writes again, the
+                # job's entry must be renewed before another worker's clean-up finds it expired.
+                due = time.monotonic() + (0.5 if failing else interval)
+                while self._current is current and not self._closed and (left := due - time.monotonic()) > 0:
+                    self._changed.wait(left)
+                if self._current is not current or self._closed:
+                    failing = None
+                    continue
+            assert current is not None
+            job, execution = current
+            with self._beating:
+                if self._current is not current:
+                    continue
+                try:
+                    # rq 3.0 BaseWorker.maintain_heartbeats: the job's, the execution's and the worker's.
+                    worker.maintain_heartbeats(job, execution)
+                    if isinstance(worker, FaultAwareWorker) and not worker.connection.sismember(
+                        worker.redis_workers_keys, worker.key
+                    ):
+                        worker.register_again(worker.queued_seen)  # Redis lost it while this job ran
+                except Exception as exc:
+                    cause = transient_cause(exc)
+                    if (cause or type(exc).__name__) != failing:  # one line per cause, not one per try
+                        worker.log.warning("signal_queue: job %s heartbeat failed%s (%s: %s); retrying", job.id,
+                                           f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
+                    failing = cause or type(exc).__name__
+                    continue
+            if failing:
+                worker.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
+                failing = None
 
 
 def retire_worker(worker: BaseWorker) -> None:
