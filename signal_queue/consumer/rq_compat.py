@@ -45,12 +45,13 @@ import rq
 from rq import Queue, SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, DeserializationError, StopRequested
+from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
 from rq.scheduler import RQScheduler
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
-from rq.utils import as_text, str_to_date
+from rq.utils import as_text, now, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
@@ -102,7 +103,8 @@ MIRRORED = {
     "rq.intermediate_queue.IntermediateQueue.cleanup": "e465aaeb5d294870",  # replaced: the abandoned-job bound
     "rq.worker.BaseWorker.clean_registries": "e2c9790c8156c72c",  # calls intermediate_queue.cleanup under the lock
     "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",  # calls dequeue_any; DequeueTimeout
-    "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",
+    "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",  # copied: CompatWorker._start
+    "rq.executions.prepare_execution": "e8d5a964e2a10d0c",  # copied: CompatWorker._start
     "rq.worker.BaseWorker._shutdown": "828be105b616d1d6",  # StopRequested raised wherever an idle worker is
     "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
@@ -907,19 +909,55 @@ class CompatWorker(SimpleWorker):
 
     _heartbeats: _Heartbeats | None = None
 
+    #: The job :meth:`execute_job` started already, for :meth:`prepare_job_execution` to skip.
+    _started: Job | None = None
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread.
+        # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread, and
+        # the execution registered in the transaction that starts the job (see _start).
         self.taking = (job.id, queue)
-        execution = self.prepare_execution(job)
+        execution = self._start(job)
         if self._heartbeats is None:
             self._heartbeats = _Heartbeats(self)
         self._heartbeats.watch(job, execution)
         try:
             self.perform_job(job, queue, execution)
         finally:
+            self._started = None
             self._heartbeats.unwatch()
         self.taking = None
         self.set_state(WorkerStatus.IDLE)
+
+    def _start(self, job: Job) -> Any:
+        """Register the job's execution and start the job, in one transaction: one round trip, not two.
+
+        rq 3.0 ``executions.prepare_execution`` (what ``BaseWorker.prepare_execution``
+        calls), then ``BaseWorker.prepare_job_execution`` (which ``perform_job`` calls
+        first, and skips for this job). Like RQ's first step, it runs before
+        ``perform_job``: if Redis refuses it, nothing was written, and the job is
+        one taken and not started (see :meth:`return_untaken_job`).
+        """
+        with self.connection.pipeline() as pipeline:
+            heartbeat_ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, heartbeat_ttl, pipeline=pipeline, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            self.heartbeat(heartbeat_ttl, pipeline=pipeline)
+            job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            if len(self.queues) == 1:  # as perform_job asks prepare_job_execution to
+                pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+            pipeline.execute()
+        self._started = job
+        self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
+        return execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # rq 3.0 BaseWorker.prepare_job_execution, which perform_job calls first: _start did it.
+        if self._started is job:
+            return
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
 
     def close_heartbeats(self) -> None:
         """End the heartbeat thread (the worker is done)."""
