@@ -116,6 +116,8 @@ MIRRORED = {
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
     "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
     "rq.worker.BaseWorker.set_state": "bb8d4f1d93ff078b",  # "idle" again before each take: skipped
+    "rq.worker.BaseWorker.handle_execution_ended": "23748b027980a6cd",  # replaced: no heartbeat write
+    "rq.worker.BaseWorker.cleanup_execution": "4aef566a7d19eff1",  # the ending transaction also says "idle"
     "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",
     "rq.worker.BaseWorker.should_run_maintenance_tasks.fget": "eda86dbb1a00e8a8",
     "rq.worker_registration.register": "757bc1c839a259c8",
@@ -958,6 +960,19 @@ class CompatWorker(SimpleWorker):
         if self._started is job:
             return
         super().prepare_job_execution(job, remove_from_intermediate_queue)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # rq 3.0 BaseWorker.handle_execution_ended: sets ended_at, and writes a heartbeat (a round trip) that
+        # keeps the job's key alive while its success or failure callback runs. A SignalJob has no
+        # callbacks (job.py refuses them), and the success transaction that follows saves the job
+        # hash, last_heartbeat too.
+        job.ended_at = job.last_heartbeat = now()
+
+    def cleanup_execution(self, job: Job, pipeline: Any, execution: Any = None) -> None:
+        # rq 3.0 BaseWorker.cleanup_execution: in the transaction that ends a job (success, failure,
+        # retry). The worker is idle from then on: saying so there costs no round trip of its own.
+        super().cleanup_execution(job, pipeline, execution)
+        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
 
     def close_heartbeats(self) -> None:
         """End the heartbeat thread (the worker is done)."""
