@@ -217,6 +217,9 @@ class _Fields:
         self.where = where
 
     def get(self, key: str, kind: type, optional: bool = False) -> Any:
+        value = self.data.get(key)
+        if type(value) is kind:  # what JSON gives (a bool is not an int here): the worker reads many
+            return value
         if key not in self.data:
             if optional:
                 return None
