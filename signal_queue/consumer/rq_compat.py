@@ -32,6 +32,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -132,8 +133,20 @@ def rq_version_checked() -> bool:
     return ".".join(rq.__version__.split(".")[:2]) in CHECKED_RQ
 
 
+#: A time as rq 3.0 writes it (``rq.utils.utcformat``): what ``str_to_date`` parses with strptime, slowly.
+_RQ_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{6})Z", re.ASCII)
+
+
 def parse_rq_time(value: bytes | str) -> dt.datetime:
-    """A time as RQ writes it in a job hash (rq 3.0 ``rq.utils.str_to_date``); ValueError if it is not one."""
+    """A time as RQ writes it in a job hash (rq 3.0 ``rq.utils.str_to_date``); ValueError if it is not one.
+
+    The form RQ writes is read directly (a worker reads several per job); any other goes to RQ's own
+    parser, which accepts a few more.
+    """
+    text = value.decode() if isinstance(value, bytes) else value
+    if (found := _RQ_TIME.fullmatch(text)) is not None:
+        year, month, day, hour, minute, second, micro = map(int, found.groups())
+        return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=dt.timezone.utc)
     return str_to_date(value)
 
 
@@ -949,7 +962,7 @@ class CompatWorker(SimpleWorker):
             job.prepare_for_execution(self.name, pipeline=pipeline)
             pipeline.persist(job.key)
             if len(self.queues) == 1:  # as perform_job asks prepare_job_execution to
-                pipeline.lrem(Queue(job.origin, connection=self.connection).intermediate_queue_key, 1, job.id)
+                pipeline.lrem(intermediate_key(job.origin), 1, job.id)
             pipeline.execute()
         self._started = job
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
@@ -1082,32 +1095,32 @@ class CompatWorker(SimpleWorker):
 
 
 class _Heartbeats:
-    """A worker's heartbeat thread: renews the running job's heartbeats every third of ``heartbeat_ttl``.
+    """A worker's heartbeat thread: renews the running job's heartbeats every third of ``heartbeat_ttl`` or so.
 
     One thread for the worker's life, told of each job as it starts and ends: a
     thread started and joined per job cost two thread switches between jobs.
+    Being told does not wake it (that too cost a switch per job): it looks
+    every half interval, so a job's first heartbeat comes between one and one
+    and a half intervals after its start, well within ``heartbeat_ttl``.
     """
 
     def __init__(self, worker: CompatWorker) -> None:
         self.worker = worker
         self._changed = threading.Condition()
         self._beating = threading.Lock()  # held while a heartbeat is sent
-        self._current: tuple[Job, Any] | None = None
+        self._current: tuple[Job, Any, float] | None = None
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="signal_queue-heartbeat", daemon=True)
         self._thread.start()
 
     def watch(self, job: Job, execution: Any) -> None:
-        """Renew ``job``'s heartbeats from now until :meth:`unwatch`."""
-        with self._changed:
-            self._current = (job, execution)
-            self._changed.notify()
+        """Renew ``job``'s heartbeats from one interval from now until :meth:`unwatch`."""
+        self._current = (job, execution, time.monotonic())
 
     def unwatch(self) -> None:
         """Stop renewing the job's heartbeats; one being sent is finished first (as a join would)."""
-        with self._beating, self._changed:
+        with self._beating:
             self._current = None
-            self._changed.notify()
 
     def close(self) -> None:
         with self._changed:
@@ -1119,23 +1132,24 @@ class _Heartbeats:
         worker = self.worker
         interval = max(worker.heartbeat_ttl / 3, 0.5)
         failing: str | None = None
+        beaten: tuple[Job, Any, float] | None = None  # the job last renewed, and when
+        beaten_at = 0.0
         while True:
             with self._changed:
-                while self._current is None and not self._closed:
-                    self._changed.wait()
-                if self._closed:
-                    return
-                current = self._current
                 # After a failure, try every half second: once Redis takes writes again, the
                 # job's entry must be renewed before another worker's clean-up finds it expired.
-                due = time.monotonic() + (0.5 if failing else interval)
-                while self._current is current and not self._closed and (left := due - time.monotonic()) > 0:
-                    self._changed.wait(left)
-                if self._current is not current or self._closed:
-                    failing = None
-                    continue
-            assert current is not None
-            job, execution = current
+                self._changed.wait(0.5 if failing else interval / 2)
+                if self._closed:
+                    return
+            current = self._current
+            if current is None:
+                failing = None
+                continue
+            if current is not beaten:
+                beaten, beaten_at, failing = current, current[2], None
+            if not failing and time.monotonic() - beaten_at < interval:
+                continue
+            job, execution, _ = current
             with self._beating:
                 if self._current is not current:
                     continue
@@ -1153,6 +1167,7 @@ class _Heartbeats:
                                            f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
                     failing = cause or type(exc).__name__
                     continue
+                beaten_at = time.monotonic()
             if failing:
                 worker.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
                 failing = None
