@@ -8,16 +8,16 @@ same values here. Inside the handler, :data:`current_event` is the event.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+import io
 from contextvars import ContextVar
 from typing import Any, cast
 
 from flask import Flask, g
+from flask.testing import EnvironBuilder
 from werkzeug.local import LocalProxy
 
 from ..wire.codec import Codec
-from ..wire.event import REQUEST_ID_ENVIRON_KEY, Event
+from ..wire.event import REQUEST_ID_ENVIRON_KEY, Event, RequestSnapshot
 from ..wire.receivers import muted
 
 _current_event: ContextVar[Event] = ContextVar("signal_queue.current_event")
@@ -36,30 +36,42 @@ def _get_current_event() -> Event:
 current_event: Event = cast(Event, LocalProxy(_get_current_event))
 
 
-@contextmanager
-def handling(event: Event) -> Iterator[None]:
+def handling(event: Event) -> _Handling:
     """Make ``event`` the :data:`current_event` for the block."""
-    token = _current_event.set(event)
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+    return _Handling(event)
 
 
-@contextmanager
-def rebuilt_context(app: Flask, event: Event, codec: Codec) -> Iterator[None]:
-    """Push an app context and, if one was captured, a request context like the emit's.
+class _Handling:
+    """The block of :func:`handling` (a class: cheaper to enter than a generator, once per event)."""
 
-    ``request.remote_addr`` is the client address as the app saw it at emit
-    time; ``g`` gets the captured attributes; a Flask-Login user is reloaded
-    by the app's ``user_loader``. Pushing and popping the contexts, and rebuilding ``g`` and the
-    user, forward no signals.
+    __slots__ = ("_event", "_token")
+
+    def __init__(self, event: Event) -> None:
+        self._event = event
+
+    def __enter__(self) -> None:
+        self._token = _current_event.set(self._event)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current_event.reset(self._token)
+
+
+#: WSGI environs already built, by what they are built from: one batch's (see :func:`rebuilt_context`).
+Environs = dict[tuple[Any, ...], tuple[dict[str, Any], bytes]]
+
+
+def _environ(app: Flask, snap: RequestSnapshot, environs: Environs | None) -> dict[str, Any]:
+    """The WSGI environ of a request like the snapshot's, as ``app.test_request_context`` builds it.
+
+    Building it is most of the cost of a rebuilt request, so ``environs`` keeps
+    each one built; every event gets its own copy (and its own empty body stream).
     """
-    snap = event.request
-    if snap is None:
-        ctx: Any = app.app_context()
-    else:
-        ctx = app.test_request_context(
+    key = (snap.method, snap.scheme, snap.host, snap.root_path, snap.path, snap.query_string,
+           tuple(snap.headers), snap.client_ip, snap.request_id)
+    built = environs.get(key) if environs is not None else None
+    if built is None:
+        builder = EnvironBuilder(
+            app,
             path=snap.path,
             base_url=f"{snap.scheme}://{snap.host}{snap.root_path}",
             query_string=snap.query_string,
@@ -67,19 +79,62 @@ def rebuilt_context(app: Flask, event: Event, codec: Codec) -> Iterator[None]:
             headers=[h for h in snap.headers if h[0].lower() not in ("host", "content-length")],
             environ_base={"REMOTE_ADDR": snap.client_ip or "", REQUEST_ID_ENVIRON_KEY: snap.request_id},
         )
-    with muted():
-        ctx.push()
-    try:
+        try:
+            environ = builder.get_environ()
+        finally:
+            builder.close()
+        stream = environ.get("wsgi.input")
+        built = (environ, stream.getvalue() if isinstance(stream, io.BytesIO) else b"")
+        if environs is None:
+            return environ
+        environs[key] = built
+    template, body = built
+    environ = dict(template)
+    environ["wsgi.input"] = io.BytesIO(body)
+    return environ
+
+
+def rebuilt_context(app: Flask, event: Event, codec: Codec, environs: Environs | None = None) -> _Rebuilt:
+    """Push an app context and, if one was captured, a request context like the emit's.
+
+    ``request.remote_addr`` is the client address as the app saw it at emit
+    time; ``g`` gets the captured attributes; a Flask-Login user is reloaded
+    by the app's ``user_loader``. Pushing and popping the contexts, and rebuilding ``g`` and the
+    user, forward no signals. ``environs`` (one per batch) keeps the WSGI environs built, for the
+    next events of the same request; each event still gets its own contexts, ``request`` and ``g``.
+    """
+    return _Rebuilt(app, event, codec, environs)
+
+
+class _Rebuilt:
+    """The block of :func:`rebuilt_context` (a class: cheaper to enter than a generator, once per event)."""
+
+    __slots__ = ("app", "codec", "ctx", "environs", "event")
+
+    def __init__(self, app: Flask, event: Event, codec: Codec, environs: Environs | None) -> None:
+        self.app, self.event, self.codec, self.environs = app, event, codec, environs
+        self.ctx: Any = None
+
+    def __enter__(self) -> None:
+        app, event = self.app, self.event
+        snap = event.request
+        ctx = app.app_context() if snap is None else app.request_context(_environ(app, snap, self.environs))
         # Like pushing the contexts, rebuilding g and the user (the app's user_loader) emits nothing.
         with muted():
-            for name, value in event.g.items():
-                setattr(g, name, codec.decode(value))
-            if snap is not None:
-                _restore_login_user(app, snap.user)
-        yield
-    finally:
+            ctx.push()
+            try:
+                for name, value in event.g.items():
+                    setattr(g, name, self.codec.decode(value))
+                if snap is not None:
+                    _restore_login_user(app, snap.user)
+            except BaseException:
+                ctx.pop()
+                raise
+        self.ctx = ctx
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
         with muted():
-            ctx.pop()
+            self.ctx.pop(exc)
 
 
 def _restore_login_user(app: Flask, user_id: str | None) -> None:

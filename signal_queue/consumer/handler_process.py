@@ -5,8 +5,9 @@ Redis (dequeue, started registry, heartbeats from its own thread, done marks,
 failure records). The handlers run in one long-lived child, forked from the
 worker once the app is loaded, so it starts in milliseconds with every receiver
 imported. A job's events go to the child once, over a pipe; the child answers
-with one small message per event. The first event not answered yet is the one
-running, and the worker knows since when, so:
+with one small record per event, on a pipe of its own, as each event ends. The
+first event not answered yet is the one running, and the worker knows since
+when, so:
 
 - past the event's timeout (the handler's own alarm, in the child) plus
   :data:`HARD_KILL_GRACE`, the worker kills the child with SIGKILL: nothing is
@@ -23,11 +24,19 @@ running, and the worker knows since when, so:
 The worker's heartbeats never wait for a handler: they come from the worker's
 own thread, and the handler holds the child's GIL, not the worker's. It is the
 model of Celery's prefork pool and of RQ's work horse, without a fork per job.
+
+Waking a process costs more than a trivial handler, so the worker does not
+wait on the answers themselves: the child also writes one byte to a third pipe
+after every :data:`WAKE_EVERY` answers, after a failure and at the end of the
+job's events, and the worker waits on that one, for at most :data:`_WAIT_AT_MOST`
+seconds, before it reads the answers there are. An answer is in the pipe before
+the next event starts either way, so what the worker learns after a crash is the same.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import mmap
@@ -56,11 +65,11 @@ from .run import (
     REJECTED,
     TIMED_OUT,
     Consumer,
+    EventsHere,
     Failure,
     Outcome,
     Unfinished,
     receiver_of,
-    run_here,
     use_runner,
 )
 
@@ -71,8 +80,14 @@ logger = logging.getLogger("signal_queue")
 #: for one that cannot be interrupted (C code holding the GIL, an alarm caught and ignored).
 HARD_KILL_GRACE = 2.0
 
-#: Longest the worker waits on the pipe before it looks at the clock and the child again.
-_LOOK_EVERY = 0.5
+#: The child wakes the worker after this many answers (and after a failure, and at the end of a job's events):
+#: as many as the worker's done marks are saved for at once, so no more finished events than that wait
+#: unmarked (see :class:`~.run._DoneMarks`).
+WAKE_EVERY = 20
+
+#: Longest the worker waits for a wake before it reads the answers anyway and looks at the clock and the child:
+#: the longest an answer waits to be settled (an event's done mark, its log line).
+_WAIT_AT_MOST = 0.01
 
 # Exit status of a handler process whose own loop failed (EX_SOFTWARE).
 _EX_SOFTWARE = 70
@@ -92,7 +107,7 @@ class HandlerProcess:
         #: Handler processes this worker forked: 1, plus one per crash or kill.
         self.forks = 0
         self._jobs: Connection | None = None  # to the child: each job's events, pickled once
-        self._answers: _Answers | None = None  # from the child: one small record per event
+        self._answers: _Answers | None = None  # from the child: one small record per event, and wakes
         # One byte shared with every child (an anonymous shared mapping survives fork):
         # set, it tells the child to finish the running event and start no other.
         self._stop = mmap.mmap(-1, 1)
@@ -105,17 +120,20 @@ class HandlerProcess:
             return
         jobs_in, jobs_out = os.pipe()
         answers_in, answers_out = os.pipe()
+        wake_in, wake_out = os.pipe()
         parent = os.getpid()
         pid = os.fork()
         if pid == 0:
             os.close(jobs_out)
             os.close(answers_in)
-            _serve(Connection(jobs_in, writable=False), answers_out, self._stop, self.consumer, parent)
+            os.close(wake_in)
+            _serve(Connection(jobs_in, writable=False), answers_out, wake_out, self._stop, self.consumer, parent)
         os.close(jobs_in)
         os.close(answers_out)
+        os.close(wake_out)
         self.pid = pid
         self._jobs = Connection(jobs_out, readable=False)
-        self._answers = _Answers(answers_in)
+        self._answers = _Answers(answers_in, wake_in)
         self.forks += 1
 
     def request_stop(self) -> None:
@@ -209,7 +227,7 @@ class HandlerProcess:
             if self._stop_at is not None:
                 limit = min(limit, self._stop_at + self.consumer.shutdown_grace)
             try:
-                answer = answers.take(min(max(limit - time.monotonic(), 0.0), _LOOK_EVERY))
+                answer = answers.take(max(limit - time.monotonic(), 0.0))
             except (EOFError, OSError):  # it died: whatever it sent before came first
                 status = self._end()
                 settle(self._crashed(pid, index, payload, attempt, status, time.monotonic() - started))
@@ -353,35 +371,53 @@ _RECORD = struct.Struct("<BIddI")
 class _Answers:
     """The child's answers, read from its pipe in as few system calls as it allows.
 
-    When events are short, many answers wait in the pipe by the time the worker
-    reads: one read takes them all.
+    The worker sleeps on the child's wake pipe, not on the answers: when events
+    are short, one wake and one read take many answers.
     """
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, wake: int) -> None:
         self.fd = fd
+        self.wake = wake
+        os.set_blocking(fd, False)
+        os.set_blocking(wake, False)
         self._buffer = bytearray()
         self._at = 0
         self._poll = select.poll()
-        self._poll.register(fd, select.POLLIN)
+        self._poll.register(wake, select.POLLIN)
         self._closed = False
 
     def take(self, timeout: float) -> Outcome | None:
-        """The next answer, waiting up to ``timeout`` seconds (None if none is complete by then).
+        """The next answer, waiting up to ``timeout`` seconds, or less (None if none is complete by then).
 
         Raises EOFError once the child closed its end and every answer was taken.
         """
-        answer = self._parse()
-        if answer is not None:
-            return answer
-        if self._closed:
-            raise EOFError
-        if not self._poll.poll(math.ceil(timeout * 1000)):
-            return None
-        data = os.read(self.fd, 1 << 16)
+        waited = False
+        while True:
+            answer = self._parse()
+            if answer is not None:
+                return answer
+            if self._closed:
+                raise EOFError
+            if self._fill():
+                continue
+            if waited:
+                return None
+            # Woken by the child (a wake byte, or its end), or after a while with nothing new.
+            if self._poll.poll(math.ceil(min(timeout, _WAIT_AT_MOST) * 1000)):
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.wake, 1 << 12)
+            waited = True
+
+    def _fill(self) -> bool:
+        """Read what the answers pipe holds now; True if it held something, or the child closed it."""
+        try:
+            data = os.read(self.fd, 1 << 16)
+        except BlockingIOError:
+            return False
         if not data:
             self._closed = True
         self._buffer += data
-        return self._parse() if data else self.take(0.0)
+        return True
 
     def _parse(self) -> Outcome | None:
         buffer, at = self._buffer, self._at
@@ -400,8 +436,9 @@ class _Answers:
         return Outcome(index, kind, seconds, finished_at, failure)
 
     def close(self) -> None:
-        self._poll.unregister(self.fd)
+        self._poll.unregister(self.wake)
         os.close(self.fd)
+        os.close(self.wake)
 
 
 def _answer(fd: int, outcome: Outcome) -> None:
@@ -433,7 +470,15 @@ def _describe(status: int | None) -> str:
     return f"ended (wait status {status})"
 
 
-def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, parent: int) -> NoReturn:
+def _wake(fd: int) -> None:
+    """Wake the worker (in the child): one byte; a full wake pipe has woken it already."""
+    with contextlib.suppress(BlockingIOError):
+        os.write(fd, b"!")
+
+
+def _serve(
+    jobs: Connection, answers: int, wake: int, stop: mmap.mmap, consumer: Consumer, parent: int
+) -> NoReturn:
     """The handler process: run the events of each job the worker sends, answer each one; never returns."""
     code = 0
     try:
@@ -444,9 +489,13 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
         # (systemd and terminals signal the whole process group) must not cut a handler short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        os.set_blocking(wake, False)
         use_runner(None)
         consumer.after_fork()
         connection = consumer.redis.client() if consumer.redis.configured else None
+        # What came from the worker (the app, its modules) lives as long as this process: out of the
+        # collector's way, it is not walked (and its pages not copied) at every full collection.
+        gc.freeze()
         while True:
             try:
                 message = jobs.recv()
@@ -457,19 +506,7 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
             attempt, items, requests, job = message
             # rq.get_current_job() in a receiver reads the job it runs in, as in RQ's own work horse.
             set_current_job(None if job is None else current_job_stub(job[0], job[1], connection))
-            for index, payload in items:
-                if stop[0]:
-                    os.write(answers, _RECORD.pack(_STOPPED_CODE, index, 0.0, time.monotonic(), 0))
-                    break
-                started = time.perf_counter()
-                try:
-                    outcome = run_here(consumer, index, payload, requests, attempt)
-                except BaseException as exc:  # a handler's SystemExit fails its event, not this process
-                    seconds = time.perf_counter() - started
-                    outcome = Outcome(index, FAILED, seconds, time.monotonic(), Failure.of(exc))
-                # What the handler sent reaches Redis before its event counts as done.
-                consumer.send_emitted()
-                _answer(answers, outcome)
+            _run_job(consumer, attempt, items, requests, answers, wake, stop)
             _flush_stdio()
     except BaseException:
         code = _EX_SOFTWARE
@@ -478,6 +515,33 @@ def _serve(jobs: Connection, answers: int, stop: mmap.mmap, consumer: Consumer, 
     finally:
         _flush_stdio()
         os._exit(code)
+
+
+def _run_job(
+    consumer: Consumer, attempt: int, items: list[tuple[int, Any]], requests: Any, answers: int, wake: int,
+    stop: mmap.mmap,
+) -> None:
+    """Run a job's events (in the child), answering each one before the next starts."""
+    unwoken = 0
+    with EventsHere(consumer, requests, attempt) as here:
+        for index, payload in items:
+            if stop[0]:
+                os.write(answers, _RECORD.pack(_STOPPED_CODE, index, 0.0, time.monotonic(), 0))
+                break
+            started = time.perf_counter()
+            try:
+                outcome = here.run(index, payload)
+            except BaseException as exc:  # a handler's SystemExit fails its event, not this process
+                seconds = time.perf_counter() - started
+                outcome = Outcome(index, FAILED, seconds, time.monotonic(), Failure.of(exc))
+            # What the handler sent reaches Redis before its event counts as done.
+            consumer.send_emitted()
+            _answer(answers, outcome)
+            unwoken += 1
+            if unwoken >= WAKE_EVERY or outcome.kind != HANDLED:
+                _wake(wake)
+                unwoken = 0
+    _wake(wake)
 
 
 def _flush_stdio() -> None:

@@ -30,7 +30,9 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import math
 import os
+import re
 import signal
 import socket
 import threading
@@ -44,12 +46,13 @@ import rq
 from rq import Queue, SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, DeserializationError, InvalidJobOperation, StopRequested
+from rq.executions import Execution
 from rq.intermediate_queue import IntermediateQueue
 from rq.job import JOB_ID_PATTERN, Job
 from rq.results import Result
 from rq.scheduler import RQScheduler
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
-from rq.utils import as_text, str_to_date
+from rq.utils import as_text, now, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
@@ -107,7 +110,8 @@ MIRRORED = {
     "rq.intermediate_queue.IntermediateQueue.cleanup": "e465aaeb5d294870",  # replaced: the abandoned-job bound
     "rq.worker.BaseWorker.clean_registries": "e2c9790c8156c72c",  # calls intermediate_queue.cleanup under the lock
     "rq.worker.BaseWorker.dequeue_job_and_maintain_ttl": "2715cf34d9e3af3b",  # calls dequeue_any; DequeueTimeout
-    "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",
+    "rq.worker.BaseWorker.prepare_job_execution": "d08dd32962e3f82a",  # copied: CompatWorker._start
+    "rq.executions.prepare_execution": "e8d5a964e2a10d0c",  # copied: CompatWorker._start
     "rq.worker.BaseWorker._shutdown": "828be105b616d1d6",  # StopRequested raised wherever an idle worker is
     "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
@@ -118,6 +122,9 @@ MIRRORED = {
     "rq.worker.BaseWorker.check_for_suspension": "e8095ae1fcf966bd",
     "rq.worker.BaseWorker._pubsub_exception_handler": "5213e36c3b773343",
     "rq.worker.BaseWorker.heartbeat": "63b1089fd146d19c",
+    "rq.worker.BaseWorker.set_state": "bb8d4f1d93ff078b",  # "idle" again before each take: skipped
+    "rq.worker.BaseWorker.handle_execution_ended": "23748b027980a6cd",  # replaced: no heartbeat write
+    "rq.worker.BaseWorker.cleanup_execution": "4aef566a7d19eff1",  # the ending transaction also says "idle"
     "rq.worker.BaseWorker.register_birth": "4690ab4f7b74ffb2",  # refuses a live name: taken over when stale
     "rq.worker.BaseWorker.serialize": "219368b12c2d438b",  # the worker hash's hostname and pid fields
     "rq.worker.BaseWorker.should_run_maintenance_tasks.fget": "eda86dbb1a00e8a8",
@@ -133,8 +140,20 @@ def rq_version_checked() -> bool:
     return ".".join(rq.__version__.split(".")[:2]) in CHECKED_RQ
 
 
+#: A time as rq 3.0 writes it (``rq.utils.utcformat``): what ``str_to_date`` parses with strptime, slowly.
+_RQ_TIME = re.compile(r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d):(\d\d)\.(\d{6})Z", re.ASCII)
+
+
 def parse_rq_time(value: bytes | str) -> dt.datetime:
-    """A time as RQ writes it in a job hash (rq 3.0 ``rq.utils.str_to_date``); ValueError if it is not one."""
+    """A time as RQ writes it in a job hash (rq 3.0 ``rq.utils.str_to_date``); ValueError if it is not one.
+
+    The form RQ writes is read directly (a worker reads several per job); any other goes to RQ's own
+    parser, which accepts a few more.
+    """
+    text = value.decode() if isinstance(value, bytes) else value
+    if (found := _RQ_TIME.fullmatch(text)) is not None:
+        year, month, day, hour, minute, second, micro = map(int, found.groups())
+        return dt.datetime(year, month, day, hour, minute, second, micro, tzinfo=dt.timezone.utc)
     return str_to_date(value)
 
 
@@ -250,6 +269,13 @@ class FaultAwareWorker(BaseWorker):
     #: Called (with ``queued_seen`` before that heartbeat) after the worker registered again.
     on_registration_lost: Callable[[int | None], None] | None = None
     _pubsub_failing = False
+    #: Least seconds between two looks at ``rq suspend``, and between two of the heartbeats RQ's loop
+    #: sends between jobs: rq 3.0 sends three of these and one look per job, each a round trip, for a
+    #: registration that lives ``worker_ttl`` (30 s or more). With jobs of a few milliseconds they
+    #: were most of the worker's own work; a suspension now takes effect within this bound.
+    LOOK_AT_MOST_EVERY = 1.0
+    _suspension_seen_at = -math.inf
+    _beaten_at = -math.inf
 
     def _fault(self, exc: redis.RedisError) -> RedisFault:
         self.redis_fault = exc
@@ -258,10 +284,13 @@ class FaultAwareWorker(BaseWorker):
     # rq 3.0 BaseWorker.work calls these five in its loop; each talks to Redis.
 
     def check_for_suspension(self, burst: bool) -> None:
+        if time.monotonic() - self._suspension_seen_at < self.LOOK_AT_MOST_EVERY:
+            return
         try:
             super().check_for_suspension(burst)
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
+        self._suspension_seen_at = time.monotonic()
 
     def run_maintenance_tasks(self) -> None:
         try:
@@ -292,6 +321,8 @@ class FaultAwareWorker(BaseWorker):
         if pipeline is not None:  # part of RQ's own pipeline (job start, job heartbeats)
             super().heartbeat(timeout, pipeline)
             return
+        if timeout is None and time.monotonic() - self._beaten_at < self.LOOK_AT_MOST_EVERY:
+            return
         try:
             with self.connection.pipeline(transaction=False) as pipe:
                 super().heartbeat(timeout, pipe)
@@ -305,6 +336,14 @@ class FaultAwareWorker(BaseWorker):
                 self.register_again(queued_before)
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
+        self._beaten_at = time.monotonic()
+
+    def set_state(self, state: str, pipeline: Any = None) -> None:
+        # rq 3.0 BaseWorker.set_state: HSET state (a round trip of its own without a pipeline). RQ's
+        # loop sets "idle" after each job and again before the next take: Redis has it already.
+        if pipeline is None and state == WorkerStatus.IDLE and self.get_state() == WorkerStatus.IDLE:
+            return
+        super().set_state(state, pipeline)
 
     def _pubsub_exception_handler(self, exc: Exception, pubsub: Any, pubsub_thread: Any) -> None:
         # rq 3.0 BaseWorker._pubsub_exception_handler: the thread that listens for `rq` commands
@@ -947,46 +986,76 @@ class CompatWorker(SimpleWorker):
     def taking(self, value: tuple[str, Queue] | None) -> None:
         CompatQueue.taken = value
 
+    _heartbeats: _Heartbeats | None = None
+
+    #: The job :meth:`execute_job` started already, for :meth:`prepare_job_execution` to skip.
+    _started: Job | None = None
+
     def execute_job(self, job: Job, queue: Queue) -> None:
-        # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread.
+        # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread, and
+        # the execution registered in the transaction that starts the job (see _start).
         self.taking = (job.id, queue)
-        execution = self.prepare_execution(job)
-        stop = threading.Event()
-        beat = threading.Thread(
-            target=self._beat, args=(job, execution, stop), name="signal_queue-heartbeat", daemon=True
-        )
-        beat.start()
+        execution = self._start(job)
+        if self._heartbeats is None:
+            self._heartbeats = _Heartbeats(self)
+        self._heartbeats.watch(job, execution)
         try:
             self.perform_job(job, queue, execution)
         finally:
-            stop.set()
-            beat.join()
+            self._started = None
+            self._heartbeats.unwatch()
         self.taking = None
         self.set_state(WorkerStatus.IDLE)
 
-    def _beat(self, job: Job, execution: Any, stop: threading.Event) -> None:
-        interval = max(self.heartbeat_ttl / 3, 0.5)
-        failing: str | None = None
-        # After a failure, try every half second: once Redis takes writes again, the
-        # job's entry must be renewed before another worker's clean-up finds it expired.
-        while not stop.wait(0.5 if failing else interval):
-            try:
-                # rq 3.0 BaseWorker.maintain_heartbeats: the job's, the execution's and the worker's.
-                self.maintain_heartbeats(job, execution)
-                if isinstance(self, FaultAwareWorker) and not self.connection.sismember(
-                    self.redis_workers_keys, self.key
-                ):
-                    self.register_again(self.queued_seen)  # Redis lost it while this job ran
-            except Exception as exc:
-                cause = transient_cause(exc)
-                if (cause or type(exc).__name__) != failing:  # one line per cause, not one per try
-                    self.log.warning("signal_queue: job %s heartbeat failed%s (%s: %s); retrying", job.id,
-                                     f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
-                failing = cause or type(exc).__name__
-                continue
-            if failing:
-                self.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
-                failing = None
+    def _start(self, job: Job) -> Any:
+        """Register the job's execution and start the job, in one transaction: one round trip, not two.
+
+        rq 3.0 ``executions.prepare_execution`` (what ``BaseWorker.prepare_execution``
+        calls), then ``BaseWorker.prepare_job_execution`` (which ``perform_job`` calls
+        first, and skips for this job). Like RQ's first step, it runs before
+        ``perform_job``: if Redis refuses it, nothing was written, and the job is
+        one taken and not started (see :meth:`return_untaken_job`).
+        """
+        with self.connection.pipeline() as pipeline:
+            heartbeat_ttl = self.get_heartbeat_ttl(job)
+            execution = Execution.create(job, heartbeat_ttl, pipeline=pipeline, worker_name=self.name)
+            self.executions[execution.id] = execution
+            self.set_state(WorkerStatus.BUSY, pipeline=pipeline)
+            self.heartbeat(heartbeat_ttl, pipeline=pipeline)
+            job.heartbeat(now(), heartbeat_ttl, pipeline=pipeline)
+            job.prepare_for_execution(self.name, pipeline=pipeline)
+            pipeline.persist(job.key)
+            if len(self.queues) == 1:  # as perform_job asks prepare_job_execution to
+                pipeline.lrem(intermediate_key(job.origin), 1, job.id)
+            pipeline.execute()
+        self._started = job
+        self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
+        return execution
+
+    def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
+        # rq 3.0 BaseWorker.prepare_job_execution, which perform_job calls first: _start did it.
+        if self._started is job:
+            return
+        super().prepare_job_execution(job, remove_from_intermediate_queue)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # rq 3.0 BaseWorker.handle_execution_ended: sets ended_at, and writes a heartbeat (a round trip) that
+        # keeps the job's key alive while its success or failure callback runs. A SignalJob has no
+        # callbacks (job.py refuses them), and the success transaction that follows saves the job
+        # hash, last_heartbeat too.
+        job.ended_at = job.last_heartbeat = now()
+
+    def cleanup_execution(self, job: Job, pipeline: Any, execution: Any = None) -> None:
+        # rq 3.0 BaseWorker.cleanup_execution: in the transaction that ends a job (success, failure,
+        # retry). The worker is idle from then on: saying so there costs no round trip of its own.
+        super().cleanup_execution(job, pipeline, execution)
+        self.set_state(WorkerStatus.IDLE, pipeline=pipeline)
+
+    def close_heartbeats(self) -> None:
+        """End the heartbeat thread (the worker is done)."""
+        if self._heartbeats is not None:
+            self._heartbeats.close()
+            self._heartbeats = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # rq 3.0 BaseWorker.get_heartbeat_ttl: ours is renewed by the thread, not per job timeout.
@@ -1087,6 +1156,85 @@ class CompatWorker(SimpleWorker):
         if not self.connection.eval(_RETURN_UNTAKEN, len(keys), *keys, job_id, *stale):
             return None  # it was started (the started registry recovers it) or already returned
         return job_id
+
+
+class _Heartbeats:
+    """A worker's heartbeat thread: renews the running job's heartbeats every third of ``heartbeat_ttl`` or so.
+
+    One thread for the worker's life, told of each job as it starts and ends: a
+    thread started and joined per job cost two thread switches between jobs.
+    Being told does not wake it (that too cost a switch per job): it looks
+    every half interval, so a job's first heartbeat comes between one and one
+    and a half intervals after its start, well within ``heartbeat_ttl``.
+    """
+
+    def __init__(self, worker: CompatWorker) -> None:
+        self.worker = worker
+        self._changed = threading.Condition()
+        self._beating = threading.Lock()  # held while a heartbeat is sent
+        self._current: tuple[Job, Any, float] | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="signal_queue-heartbeat", daemon=True)
+        self._thread.start()
+
+    def watch(self, job: Job, execution: Any) -> None:
+        """Renew ``job``'s heartbeats from one interval from now until :meth:`unwatch`."""
+        self._current = (job, execution, time.monotonic())
+
+    def unwatch(self) -> None:
+        """Stop renewing the job's heartbeats; one being sent is finished first (as a join would)."""
+        with self._beating:
+            self._current = None
+
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify()
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        worker = self.worker
+        interval = max(worker.heartbeat_ttl / 3, 0.5)
+        failing: str | None = None
+        beaten: tuple[Job, Any, float] | None = None  # the job last renewed, and when
+        beaten_at = 0.0
+        while True:
+            with self._changed:
+                # After a failure, try every half second: once Redis takes writes again, the
+                # job's entry must be renewed before another worker's clean-up finds it expired.
+                self._changed.wait(0.5 if failing else interval / 2)
+                if self._closed:
+                    return
+            current = self._current
+            if current is None:
+                failing = None
+                continue
+            if current is not beaten:
+                beaten, beaten_at, failing = current, current[2], None
+            if not failing and time.monotonic() - beaten_at < interval:
+                continue
+            job, execution, _ = current
+            with self._beating:
+                if self._current is not current:
+                    continue
+                try:
+                    # rq 3.0 BaseWorker.maintain_heartbeats: the job's, the execution's and the worker's.
+                    worker.maintain_heartbeats(job, execution)
+                    if isinstance(worker, FaultAwareWorker) and not worker.connection.sismember(
+                        worker.redis_workers_keys, worker.key
+                    ):
+                        worker.register_again(worker.queued_seen)  # Redis lost it while this job ran
+                except Exception as exc:
+                    cause = transient_cause(exc)
+                    if (cause or type(exc).__name__) != failing:  # one line per cause, not one per try
+                        worker.log.warning("signal_queue: job %s heartbeat failed%s (%s: %s); retrying", job.id,
+                                           f": Redis {describe(cause)}" if cause else "", type(exc).__name__, exc)
+                    failing = cause or type(exc).__name__
+                    continue
+                beaten_at = time.monotonic()
+            if failing:
+                worker.log.warning("signal_queue: job %s heartbeat renewed again", job.id)
+                failing = None
 
 
 def retire_worker(worker: BaseWorker) -> None:

@@ -27,8 +27,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,7 +40,7 @@ from rq.timeouts import JobTimeoutException
 
 from ..exceptions import EventRejected, MalformedEvent, ReceiverSignatureMismatch, UnknownReceiver
 from ..wire.codec import Codec
-from ..wire.event import Event, new_id, resolve_shared_request
+from ..wire.event import UNSET, Event, SharedRequests, new_id, resolve_shared_request
 from ..wire.keys import (
     ATTEMPT_FIELD,
     BATCH_RETRIES,
@@ -55,7 +54,7 @@ from ..wire.keys import (
 from ..wire.receivers import DeferredReceiver, muted, receivers
 from ..wire.redis_connect import RedisSource
 from ..wire.redis_errors import describe, transient_cause
-from .context import handling, rebuilt_context
+from .context import Environs, handling, rebuilt_context
 from .labels import describe_event, emitted_at, event_meta
 from .rq_compat import record_failure_result
 
@@ -179,24 +178,60 @@ class EventRunner(Protocol):
     ) -> Unfinished | None: ...
 
 
+class EventsHere:
+    """Runs the events of one job in this process, one after the other, each under its own timeout.
+
+    What the events of a job share is worked out once per job: each request
+    snapshot is read once, and the WSGI environ of each request built once
+    (see :func:`~.context.rebuilt_context`); the SIGALRM handler that ends an
+    event at its timeout is installed once. Each event still gets its own app
+    context, request context, ``g`` and snapshot. Use it as a context manager
+    (it holds SIGALRM meanwhile) around :meth:`run`.
+    """
+
+    def __init__(self, consumer: Consumer, requests: Any, attempt: int) -> None:
+        self.consumer = consumer
+        self.attempt = attempt
+        self._shared = SharedRequests(requests)
+        self._environs: Environs = {}
+        self._alarm = EventAlarm()
+
+    def __enter__(self) -> EventsHere:
+        self._alarm.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._alarm.__exit__()
+
+    def run(self, index: int, payload: Any) -> Outcome:
+        """Run event ``index`` (``payload``, as the job carries it): its handler, in rebuilt contexts."""
+        started = time.perf_counter()
+        kind = HANDLED
+        error: BaseException | None = None
+        try:
+            request = self._shared.snapshot_of(payload)
+            data = resolve_shared_request(payload, self._shared.shared) if request is UNSET else payload
+            event = Event.from_dict(data, self.attempt, request)
+            receiver = receivers.get(event.receiver, event.signal)
+            self._alarm.arm(self.consumer.timeout_of(receiver))
+            try:
+                run_resolved(self.consumer, event, receiver, self._environs)
+            finally:
+                self._alarm.disarm()
+        except EventRejected as exc:  # retrying cannot help
+            kind, error = REJECTED, exc
+        except Exception as exc:
+            kind, error = FAILED, exc
+        seconds = time.perf_counter() - started
+        if error is None:
+            return Outcome(index, kind, seconds, time.monotonic())
+        return Outcome(index, kind, seconds, time.monotonic(), Failure.of(error), error)
+
+
 def run_here(consumer: Consumer, index: int, payload: Any, requests: Any, attempt: int) -> Outcome:
     """Run one event in this process: its handler, in rebuilt contexts, under its own timeout."""
-    started = time.perf_counter()
-    kind = HANDLED
-    error: BaseException | None = None
-    try:
-        payload = resolve_shared_request(payload, requests)
-        event, receiver = resolve_event(payload, attempt)
-        with event_timeout(consumer.timeout_of(receiver)):
-            run_resolved(consumer, event, receiver)
-    except EventRejected as exc:  # retrying cannot help
-        kind, error = REJECTED, exc
-    except Exception as exc:
-        kind, error = FAILED, exc
-    seconds = time.perf_counter() - started
-    if error is None:
-        return Outcome(index, kind, seconds, time.monotonic())
-    return Outcome(index, kind, seconds, time.monotonic(), Failure.of(error), error)
+    with EventsHere(consumer, requests, attempt) as here:
+        return here.run(index, payload)
 
 
 class InProcess:
@@ -210,11 +245,12 @@ class InProcess:
         requests: Any,
         settle: Callable[[Outcome], None],
     ) -> Unfinished | None:
-        for index, payload in items:
-            outcome = run_here(consumer, index, payload, requests, attempt)
-            # What the handler sent reaches Redis before its event counts as done.
-            consumer.send_emitted()
-            settle(outcome)
+        with EventsHere(consumer, requests, attempt) as here:
+            for index, payload in items:
+                outcome = here.run(index, payload)
+                # What the handler sent reaches Redis before its event counts as done.
+                consumer.send_emitted()
+                settle(outcome)
         return None
 
 
@@ -435,13 +471,15 @@ def execute_event(consumer: Consumer, payload: Any, attempt: int = 1) -> None:
 
 def resolve_event(payload: Any, attempt: int) -> tuple[Event, DeferredReceiver]:
     """The event in ``payload`` and its registered receiver, or :class:`EventRejected`."""
-    event = Event.from_dict(payload).with_attempt(attempt)
+    event = Event.from_dict(payload, attempt)
     return event, receivers.get(event.receiver, event.signal)
 
 
-def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -> None:
+def run_resolved(
+    consumer: Consumer, event: Event, receiver: DeferredReceiver, environs: Environs | None = None
+) -> None:
     codec = consumer.codec
-    with rebuilt_context(consumer.app, event, codec):
+    with rebuilt_context(consumer.app, event, codec, environs):
         try:
             # Decoding runs the app's code (user_loader, register_type decoders): what it sends is
             # not the receiver's own emit, so it is not deferred again (a loader would loop).
@@ -450,14 +488,7 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
                 kwargs = {key: codec.decode(value) for key, value in event.kwargs.items()}
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"event {event.id}: cannot decode its arguments: {type(exc).__name__}: {exc}") from exc
-        try:
-            _signature(receiver.func).bind(sender, **kwargs)
-        except TypeError as exc:
-            raise ReceiverSignatureMismatch(
-                f"receiver {receiver.name!r} no longer accepts this event's arguments "
-                f"(sender, {', '.join(sorted(kwargs)) or 'no kwargs'}): {exc}; fix the receiver "
-                "and requeue the job"
-            ) from None
+        _check_signature(receiver, kwargs)
         with handling(event):
             result = receiver.func(sender, **kwargs)
             if inspect.iscoroutine(result):
@@ -468,6 +499,28 @@ def run_resolved(consumer: Consumer, event: Event, receiver: DeferredReceiver) -
 def _signature(func: Callable[..., Any]) -> inspect.Signature:
     """A receiver's signature, worked out once: inspect.signature costs more than a trivial handler."""
     return inspect.signature(func)
+
+
+#: (receiver function, kwarg names) that bind: whether a call binds depends on the names only.
+_binds: set[tuple[Callable[..., Any], frozenset[str]]] = set()
+
+
+def _check_signature(receiver: DeferredReceiver, kwargs: dict[str, Any]) -> None:
+    """Raise :class:`ReceiverSignatureMismatch` unless ``receiver(sender, **kwargs)`` binds."""
+    key = (receiver.func, frozenset(kwargs))
+    if key in _binds:
+        return
+    try:
+        _signature(receiver.func).bind(None, **kwargs)
+    except TypeError as exc:
+        raise ReceiverSignatureMismatch(
+            f"receiver {receiver.name!r} no longer accepts this event's arguments "
+            f"(sender, {', '.join(sorted(kwargs)) or 'no kwargs'}): {exc}; fix the receiver "
+            "and requeue the job"
+        ) from None
+    if len(_binds) >= 4096:
+        _binds.clear()
+    _binds.add(key)
 
 
 def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -497,7 +550,12 @@ events_logger = logging.getLogger("signal_queue.events")
 
 
 def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
-    """One structured line per event run: id, signal, receiver, attempt, duration, outcome."""
+    """One structured line per event run: id, signal, receiver, attempt, duration, outcome.
+
+    The record is made here and handed to the logger's handlers as ``Logger.info``
+    would, without its look up the stack for the caller (this function, always):
+    a worker writes one per event.
+    """
     if not events_logger.isEnabledFor(logging.INFO):
         return
     data = payload if isinstance(payload, dict) else {}
@@ -509,11 +567,21 @@ def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
         "duration_ms": round(outcome.seconds * 1000, 3),
         "outcome": outcome.kind,
     }
+    message = (
+        f"event_id={fields['event_id']} signal={fields['signal']} receiver={fields['receiver']} "
+        f"attempt={attempt} duration_ms={fields['duration_ms']} outcome={outcome.kind}"
+    )
     if outcome.failure is not None:
         fields["error"] = outcome.failure.summary
-    events_logger.info(
-        " ".join(f"{k}={v}" for k, v in fields.items()), extra={"signal_queue": fields}
-    )
+        message += f" error={fields['error']}"
+    events_logger.handle(events_logger.makeRecord(
+        events_logger.name, logging.INFO, __file__, _LOG_LINE, message, (), None, "_log_event",
+        {"signal_queue": fields},
+    ))
+
+
+#: The line _log_event's records name (Logger.info would find it on the stack).
+_LOG_LINE = _log_event.__code__.co_firstlineno
 
 
 def wall_times(outcome: Outcome) -> tuple[dt.datetime, dt.datetime]:
@@ -528,31 +596,78 @@ def _exc_text(exc: BaseException) -> str:
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
 
 
-@contextmanager
-def event_timeout(seconds: int) -> Iterator[None]:
-    """End one event's handler after ``seconds`` with :class:`JobTimeoutException`.
+class EventAlarm:
+    """Ends each event of a job at its timeout with :class:`JobTimeoutException` (SIGALRM).
 
-    Nests inside RQ's own alarm for the batch job: the outer timer is paused
-    and given back, less the time spent, afterwards. Works in the main thread
-    only (where RQ's SimpleWorker runs jobs); elsewhere (eager mode) it is a no-op.
+    Setting a timer is a system call, which costs more than a trivial handler,
+    so the timer is not set and cleared around every event: :meth:`arm` notes
+    the running event's deadline, and the timer is set only when none is
+    pending or the one pending would fire after that deadline. A timer that
+    fires before the running event's deadline (it was set for an earlier
+    event) is set again for the rest; one that fires between events does
+    nothing. The signal handler is installed once per job. It nests inside
+    RQ's own alarm for the job (in a work horse): the outer timer is paused
+    meanwhile and given back, less the time spent, at the end. It works in the
+    main thread only (where RQ's workers run jobs); elsewhere (eager mode) it
+    does nothing.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def expire(signum: int, frame: Any) -> None:
-        raise JobTimeoutException(f"Task exceeded maximum timeout value ({seconds} seconds)")
+    #: A timer this close to the deadline counts as at it (timers and clocks differ by a little).
+    TOLERANCE = 0.001
 
-    started = time.monotonic()
-    outer_handler = signal.signal(signal.SIGALRM, expire)
-    outer_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
+    def __init__(self) -> None:
+        self._active = False
+        self._seconds = 0
+        self._deadline: float | None = None  # of the running event (time.monotonic())
+        self._fires_at: float | None = None  # when the timer set will fire, if one is
+        self._outer_handler: Any = None
+        self._outer_left = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> EventAlarm:
+        if threading.current_thread() is threading.main_thread():
+            self._started = time.monotonic()
+            self._outer_handler = signal.signal(signal.SIGALRM, self._expire)
+            self._outer_left, _ = signal.setitimer(signal.ITIMER_REAL, 0)
+            self._active = True
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self._active:
+            return
+        self._active = False
+        self._deadline = self._fires_at = None
         signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, outer_handler)
-        if outer_left > 0:
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - started), 0.001))
+        signal.signal(signal.SIGALRM, self._outer_handler)
+        if self._outer_left > 0:
+            signal.setitimer(signal.ITIMER_REAL, max(self._outer_left - (time.monotonic() - self._started), 0.001))
+
+    def arm(self, seconds: int) -> None:
+        """End what runs from now with :class:`JobTimeoutException` after ``seconds`` (until :meth:`disarm`)."""
+        if not self._active:
+            return
+        self._seconds = seconds
+        deadline = self._deadline = time.monotonic() + seconds
+        if self._fires_at is None or self._fires_at > deadline:
+            self._set(deadline)
+
+    def disarm(self) -> None:
+        """The event ended: a timer that fires from now on does nothing (it stays set, for the next event)."""
+        self._deadline = None
+
+    def _set(self, at: float) -> None:
+        self._fires_at = at
+        signal.setitimer(signal.ITIMER_REAL, max(at - time.monotonic(), self.TOLERANCE))
+
+    def _expire(self, signum: int, frame: Any) -> None:
+        self._fires_at = None
+        deadline = self._deadline
+        if deadline is None:  # between events
+            return
+        if deadline - time.monotonic() > self.TOLERANCE:  # set for an earlier event
+            self._set(deadline)
+            return
+        raise JobTimeoutException(f"Task exceeded maximum timeout value ({self._seconds} seconds)")
 
 
 #: Appends done marks (",3,4") to the field ARGV[1] of the job hash KEYS[1], if the hash still exists:

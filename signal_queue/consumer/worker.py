@@ -95,6 +95,7 @@ class SignalWorker(_SignalWorkerDefaults, FaultAwareWorker, CompatWorker):
         finally:
             use_runner(None)
             self.handlers.close()
+            self.close_heartbeats()
 
     def stop_soon(self) -> None:
         # In the SIGTERM handler: the handler process starts no other event from now on.

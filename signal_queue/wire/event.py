@@ -44,6 +44,13 @@ def new_id() -> str:
     return f"{_id_prefix}{next(_id_counter):08x}"
 
 
+class Unset:
+    """The type of :data:`UNSET`: no value given."""
+
+
+UNSET = Unset()
+
+
 @dataclass(frozen=True)
 class RequestSnapshot:
     """The request as it was when the signal was sent."""
@@ -62,6 +69,33 @@ class RequestSnapshot:
     client_ip: str | None
     request_id: str
     user: str | None = None
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> RequestSnapshot:
+        """Validate and build a snapshot from its JSON form (an event's ``request``); raise :class:`MalformedEvent`."""
+        r = _Fields(raw, "request")
+        return cls(
+            method=r.get("method", str),
+            scheme=r.get("scheme", str),
+            host=r.get("host", str),
+            root_path=r.get("root_path", str),
+            path=r.get("path", str),
+            query_string=r.get("query_string", str),
+            url=r.get("url", str),
+            endpoint=r.get("endpoint", str, optional=True),
+            view_args=r.get("view_args", dict),
+            headers=_header_pairs(r.get("headers", list)),
+            remote_addr=r.get("remote_addr", str, optional=True),
+            client_ip=r.get("client_ip", str, optional=True),
+            request_id=r.get("request_id", str),
+            user=r.get("user", str, optional=True),
+        )
+
+    def copy(self) -> RequestSnapshot:
+        """A copy whose ``view_args`` and ``headers`` are its own (a handler may change them in place)."""
+        fresh = object.__new__(RequestSnapshot)
+        fresh.__dict__.update(self.__dict__, view_args=dict(self.view_args), headers=list(self.headers))
+        return fresh
 
 
 @dataclass(frozen=True)
@@ -96,8 +130,12 @@ class Event:
         return replace(self, attempt=attempt)
 
     @classmethod
-    def from_dict(cls, data: Any) -> Event:
-        """Validate and build an event from its JSON form; raise :class:`MalformedEvent`."""
+    def from_dict(cls, data: Any, attempt: int = 1, request: RequestSnapshot | Unset | None = UNSET) -> Event:
+        """Validate and build an event from its JSON form; raise :class:`MalformedEvent`.
+
+        ``request``, when given, is the event's request snapshot already read (a batch reads
+        each of its snapshots once, see :class:`SharedRequests`); its ``request`` key is then skipped.
+        """
         d = _Fields(data, "event")
         version = d.get("v", int)
         if version != FORMAT_VERSION:
@@ -112,26 +150,9 @@ class Event:
             raise MalformedEvent(f"event key 'emitted_at' is not an ISO datetime: {emitted_raw!r}") from None
         if emitted_at.tzinfo is None:
             raise MalformedEvent("event key 'emitted_at' has no timezone")
-        request = None
-        raw_request = d.get("request", dict, optional=True)
-        if raw_request is not None:
-            r = _Fields(raw_request, "request")
-            request = RequestSnapshot(
-                method=r.get("method", str),
-                scheme=r.get("scheme", str),
-                host=r.get("host", str),
-                root_path=r.get("root_path", str),
-                path=r.get("path", str),
-                query_string=r.get("query_string", str),
-                url=r.get("url", str),
-                endpoint=r.get("endpoint", str, optional=True),
-                view_args=r.get("view_args", dict),
-                headers=_header_pairs(r.get("headers", list)),
-                remote_addr=r.get("remote_addr", str, optional=True),
-                client_ip=r.get("client_ip", str, optional=True),
-                request_id=r.get("request_id", str),
-                user=r.get("user", str, optional=True),
-            )
+        if isinstance(request, Unset):
+            raw_request = d.get("request", dict, optional=True)
+            request = None if raw_request is None else RequestSnapshot.from_dict(raw_request)
         return cls(
             id=d.get("id", str),
             signal=d.get("signal", str),
@@ -141,6 +162,7 @@ class Event:
             kwargs=d.get("kwargs", dict),
             request=request,
             g=d.get("g", dict),
+            attempt=attempt,
         )
 
 
@@ -156,6 +178,35 @@ def resolve_shared_request(payload: Any, shared: Any) -> Any:
     return dict(payload, request=dict(shared[request["ref"]], user=request.get("user")))
 
 
+class SharedRequests:
+    """A batch's request snapshots, each read once for all the events that refer to it.
+
+    :meth:`snapshot_of` answers what ``Event.from_dict(resolve_shared_request(payload, shared))``
+    would put in the event's ``request``, with the same errors, but reads a snapshot
+    (one per request and user) once per batch instead of once per event.
+    """
+
+    def __init__(self, shared: Any) -> None:
+        self.shared = shared
+        self._read: dict[tuple[str, str | None], RequestSnapshot] = {}
+
+    def snapshot_of(self, payload: Any) -> RequestSnapshot | Unset | None:
+        """The snapshot of a batch's event, or ``UNSET`` when the event is not one that refers to a shared one."""
+        if not isinstance(payload, dict):
+            return UNSET
+        request = payload.get("request")
+        if not (isinstance(request, dict) and "ref" in request):
+            return UNSET
+        ref, user = request["ref"], request.get("user")
+        if not (isinstance(ref, str) and (user is None or isinstance(user, str))):
+            return UNSET  # read the slow way, which names what is wrong
+        found = self._read.get((ref, user))
+        if found is None:
+            resolved = resolve_shared_request({"request": request}, self.shared)
+            found = self._read[(ref, user)] = RequestSnapshot.from_dict(resolved["request"])
+        return found.copy()
+
+
 class _Fields:
     """Typed access to a decoded JSON object, naming the key that is wrong."""
 
@@ -166,6 +217,9 @@ class _Fields:
         self.where = where
 
     def get(self, key: str, kind: type, optional: bool = False) -> Any:
+        value = self.data.get(key)
+        if type(value) is kind:  # what JSON gives (a bool is not an int here): the worker reads many
+            return value
         if key not in self.data:
             if optional:
                 return None

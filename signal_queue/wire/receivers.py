@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -26,19 +25,26 @@ def forwarding_muted() -> bool:
     return _muted.get()
 
 
-@contextmanager
-def muted() -> Iterator[None]:
+def muted() -> _Muted:
     """Forward nothing in this block (like blinker's ``Signal.muted``, for every deferred receiver).
 
     The worker pushes and pops the contexts it builds itself inside it: the
     signals Flask sends then (``appcontext_pushed`` and friends) are not user
     emits and must not be deferred again, or a receiver of them would loop.
     """
-    token = _muted.set(True)
-    try:
-        yield
-    finally:
-        _muted.reset(token)
+    return _Muted()
+
+
+class _Muted:
+    """The block of :func:`muted` (a class: the worker enters a few for each event it runs)."""
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _muted.set(True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _muted.reset(self._token)
 
 
 @dataclass(frozen=True)
