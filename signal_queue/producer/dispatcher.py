@@ -3,7 +3,8 @@
 :meth:`Dispatcher.deliver` turns pending events into RQ jobs of up to
 ``SIGNAL_QUEUE_BATCH_SIZE`` events each (a job costs ~20 Redis round trips
 in a worker, so it is paid once per batch, not once per event) and writes all
-of them with ``Queue.enqueue_many`` in one pipeline: one round trip. Redis
+of them in one pipeline, as ``Queue.enqueue_many`` would (:mod:`..wire.rq_jobs`):
+one round trip. Redis
 errors become a logged :class:`~signal_queue.exceptions.DeliveryError`,
 never an exception in the request. The outage spool hooks in here, and so
 does the reporting of an outage: its log lines (one per cause per
@@ -26,8 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue, Retry
-from rq.queue import EnqueueData
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ..exceptions import DeliveryError
@@ -44,6 +44,7 @@ from ..wire.keys import (
     batch_timeout,
 )
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
+from ..wire.rq_jobs import enqueue, job_data, job_hash, rq_time
 from .capture import PendingEvent
 from .ledger import TOTALS as LEDGER_TOTALS
 from .spool import Spool, SpooledBatch, is_write_failure, sqlite_cause
@@ -285,9 +286,14 @@ class Dispatcher:
     def batch(self, queue: str, events: Sequence[PendingEvent]) -> SpooledBatch:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
         requests: dict[str, dict[str, Any]] = {}
-        payloads = [e.to_dict(self.codec, requests) for e in events]
-        timeout = batch_timeout(e.receiver.timeout or self.default_timeout for e in events)
-        names = sorted({f"{e.receiver.signal_name} -> {e.receiver.name}" for e in events})
+        codec, default_timeout = self.codec, self.default_timeout
+        payloads, timeouts, found = [], [], {}
+        for e in events:
+            payloads.append(e.to_dict(codec, requests))
+            timeouts.append(e.receiver.timeout or default_timeout)
+            found[id(e.receiver)] = e.receiver
+        timeout = batch_timeout(timeouts)
+        names = sorted({f"{r.signal_name} -> {r.name}" for r in found.values()})
         job = {
             "args": [payloads, requests],
             "timeout": timeout,
@@ -303,24 +309,23 @@ class Dispatcher:
         The marker ``sq:sent:<job id>`` lets a replay tell a batch that did reach
         Redis (the reply was lost) from one that did not.
         """
-        by_queue: dict[str, list[EnqueueData]] = defaultdict(list)
+        now = rq_time()
+        by_queue: dict[str, list[tuple[str, dict[str, bytes | str | int]]]] = defaultdict(list)
         for b in batches:
-            by_queue[b.queue].append(
-                Queue.prepare_data(
-                    RUN_EVENTS,
-                    args=tuple(b.job["args"]),
-                    timeout=b.job["timeout"],
-                    result_ttl=b.job["result_ttl"],
-                    failure_ttl=b.job["failure_ttl"],
-                    description=b.job["description"],
-                    job_id=b.job_id,
-                    retry=Retry(max=BATCH_RETRIES),
-                )
-            )
+            by_queue[b.queue].append((b.job_id, job_hash(
+                job_data(RUN_EVENTS, b.job["args"]),
+                origin=b.queue,
+                timeout=b.job["timeout"],
+                result_ttl=b.job["result_ttl"],
+                failure_ttl=b.job["failure_ttl"],
+                description=b.job["description"],
+                retries=BATCH_RETRIES,
+                now=now,
+            )))
         try:
             with self.connection.pipeline(transaction=True) as pipe:
-                for name, datas in by_queue.items():
-                    self.queue(name).enqueue_many(datas, pipeline=pipe)
+                for name, jobs in by_queue.items():
+                    enqueue(pipe, name, jobs)  # as Queue.enqueue_many writes them (see wire/rq_jobs.py)
                 for b in batches:
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
                 pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
