@@ -5,6 +5,9 @@
 
 Prints p50/p99 latency (us), requests/s, Redis round trips per request and the
 ratios of p50 and p99 to the no-receiver baseline measured in the same run.
+Under gunicorn, "cpu" is the worker process's CPU time per request (us, from
+/proc: both its threads and the sender) and "trips" its sends (MULTI/EXEC) per
+request, as Redis counts them.
 In-process, requests/s (and "mean us", its inverse) count the time until the
 last event is in Redis: the final flush is inside the elapsed time, so the
 sender's work is included. Redis is a private redis-server on a free port.
@@ -132,9 +135,9 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
                     raise SystemExit(f"gunicorn did not start for {variant}") from None
                 time.sleep(0.05)
         load(port, 1.0, clients)  # warm up
-        sends = redis_sends(url)
+        sends, cpu = redis_sends(url), process_cpu(server.pid)
         times, errors = load(port, seconds, clients)
-        sends = redis_sends(url) - sends
+        sends, cpu = redis_sends(url) - sends, process_cpu(server.pid) - cpu
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -143,8 +146,26 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
         "p99": percentile(times, 0.99) * 1e6,
         "rps": len(times) / seconds,
         "trips": sends / max(1, len(times)),
+        "cpu": cpu / max(1, len(times)) * 1e6,
         "errors": errors,
     }
+
+
+def process_cpu(master: int) -> float:
+    """CPU seconds (user + system) of the gunicorn master's worker processes, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def redis_sends(url: str) -> int:
@@ -170,7 +191,7 @@ def table(title: str, rows: list[tuple[str, int, dict[str, float]]]) -> None:
     print(f"\n{title}")
     cols = (f"{'variant':30} {'N':>2} {'p50 us':>9} {'p99 us':>9} {'req/s':>8} {'p50/base':>9} {'p99/base':>9} "
             f"{'rps/base':>9}")
-    extra = [k for k in ("mean", "trips", "errors") if k in rows[0][2]]
+    extra = [k for k in ("mean", "cpu", "trips", "errors") if k in rows[0][2]]
     print(cols + "".join(f" {k:>7}" for k in extra))
     for variant, n, r in rows:
         b = base[n]

@@ -2,11 +2,12 @@
 
 Everything that crosses Redis is JSON. Plain JSON values go as they are; a few
 types Flask signals send (exceptions, responses, templates, the app, ``g``,
-``request``) and a few common Python types (datetime, UUID, Decimal, bytes,
-tuple, set) are written as tagged objects ``{"__sq__": tag, ...}`` and rebuilt
-in the worker. Anything else is refused at emit time with the key that held it,
-so that a value that cannot reach the worker fails where the programmer can
-see it, not later in a log nobody reads.
+``request``), a few common Python types (datetime, UUID, Decimal, bytes, tuple,
+set) and the floats JSON has no word for (NaN, infinities) are written as
+tagged objects ``{"__sq__": tag, ...}`` and rebuilt in the worker. Anything
+else is refused at emit time with the key that held it, so that a value that
+cannot reach the worker fails where the programmer can see it, not later in a
+log nobody reads.
 """
 
 from __future__ import annotations
@@ -135,6 +136,8 @@ class Carrier(Protocol):
     ``encode`` returns the tagged JSON form (``{TAG: carrier.tag, ...}``), or
     :data:`NOT_MINE`; ``decode`` rebuilds the value in the worker, with the
     emit's contexts pushed, and raises ``ValueError`` saying why it cannot.
+    Values inside the form go through ``codec.encode`` (which tags a NaN or an
+    infinity: the job's JSON encoder would write those as null).
     """
 
     tag: str
