@@ -43,5 +43,7 @@ test-oldest: $(OLDEST_VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/request_path.py
+	$(PY) benchmarks/emit_cpu.py
+	$(PY) benchmarks/delivery_lag.py
 	$(PY) benchmarks/worker_throughput.py
 	$(PY) benchmarks/memory.py

@@ -4,8 +4,14 @@
     python benchmarks/request_path.py --only inproc   # or: --only gunicorn
 
 Prints p50/p99 latency (us), requests/s, Redis round trips per request and the
-ratio of p50 to the no-receiver baseline measured in the same run. Redis is a
-private redis-server on a free port. Nothing here asserts a speed.
+ratios of p50 and p99 to the no-receiver baseline measured in the same run.
+Under gunicorn, "cpu" is the worker process's CPU time per request (us, from
+/proc: both its threads and the sender) and "trips" its sends (MULTI/EXEC) per
+request, as Redis counts them.
+In-process, requests/s (and "mean us", its inverse) count the time until the
+last event is in Redis: the final flush is inside the elapsed time, so the
+sender's work is included. Redis is a private redis-server on a free port.
+Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -61,15 +68,16 @@ def bench_inproc(variant: str, n: int, url: str, requests: int) -> dict[str, flo
         # buffered=True closes the response, so work run on close is in the latency
         client.get(f"/orders/{i}?user=alice", buffered=True)
         times.append(time.perf_counter() - t)
-    elapsed = time.perf_counter() - started
     if state is not None:
-        state.outbox.flush()  # the sender's round trips count too
+        state.outbox.flush()  # the sender's work and round trips count too
+    elapsed = time.perf_counter() - started
     trips = ROUND_TRIPS[0]
     Connection.send_packed_command = _send  # type: ignore[method-assign]
     return {
         "p50": percentile(times, 0.5) * 1e6,
         "p99": percentile(times, 0.99) * 1e6,
         "rps": requests / elapsed,
+        "mean": elapsed / requests * 1e6,
         "trips": trips / requests,
     }
 
@@ -127,7 +135,9 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
                     raise SystemExit(f"gunicorn did not start for {variant}") from None
                 time.sleep(0.05)
         load(port, 1.0, clients)  # warm up
+        sends, cpu = redis_sends(url), process_cpu(server.pid)
         times, errors = load(port, seconds, clients)
+        sends, cpu = redis_sends(url) - sends, process_cpu(server.pid) - cpu
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -135,17 +145,58 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
         "p50": percentile(times, 0.5) * 1e6,
         "p99": percentile(times, 0.99) * 1e6,
         "rps": len(times) / seconds,
+        "trips": sends / max(1, len(times)),
+        "cpu": cpu / max(1, len(times)) * 1e6,
         "errors": errors,
     }
 
 
-def table(title: str, rows: list[tuple[str, int, dict[str, float]]], baseline: dict[int, float]) -> None:
+def process_cpu(master: int) -> float:
+    """CPU seconds (user + system) of the gunicorn master's worker processes, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:  # ppid
+            total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
+
+
+def redis_sends(url: str) -> int:
+    """Transactions (MULTI/EXEC pipelines) Redis has run: each of the app's sends is one round trip."""
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+
+
+def medians(runs: list[tuple[str, int, dict[str, float]]]) -> list[tuple[str, int, dict[str, float]]]:
+    """One row per (variant, N), in first-seen order: each figure the median of its runs."""
+    grouped: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for variant, n, result in runs:
+        grouped.setdefault((variant, n), []).append(result)
+    return [
+        (variant, n, {k: statistics.median(r[k] for r in results) for k in results[0]})
+        for (variant, n), results in grouped.items()
+    ]
+
+
+def table(title: str, rows: list[tuple[str, int, dict[str, float]]]) -> None:
+    """One line per variant, with its p50, p99 and req/s as ratios of the baseline's (same N, same run)."""
+    base = {n: r for v, n, r in rows if v == "baseline"}
     print(f"\n{title}")
-    cols = f"{'variant':30} {'N':>2} {'p50 us':>9} {'p99 us':>9} {'req/s':>8} {'p50/base':>9}"
-    extra = [k for k in ("trips", "errors") if k in rows[0][2]]
+    cols = (f"{'variant':30} {'N':>2} {'p50 us':>9} {'p99 us':>9} {'req/s':>8} {'p50/base':>9} {'p99/base':>9} "
+            f"{'rps/base':>9}")
+    extra = [k for k in ("mean", "cpu", "trips", "errors") if k in rows[0][2]]
     print(cols + "".join(f" {k:>7}" for k in extra))
     for variant, n, r in rows:
-        line = f"{variant:30} {n:>2} {r['p50']:9.0f} {r['p99']:9.0f} {r['rps']:8.0f} {r['p50'] / baseline[n]:8.2f}x"
+        b = base[n]
+        line = (f"{variant:30} {n:>2} {r['p50']:9.0f} {r['p99']:9.0f} {r['rps']:8.0f} {r['p50'] / b['p50']:8.2f}x "
+                f"{r['p99'] / b['p99']:8.2f}x {r['rps'] / b['rps']:8.2f}x")
         print(line + "".join(f" {r[k]:7.2f}" for k in extra))
 
 
@@ -156,6 +207,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=4.0, help="gunicorn load seconds per variant")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
+    parser.add_argument("--n", type=int, nargs="*", default=[1, 5], help="emits per request")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="runs per variant, interleaved; each figure is the median over the rounds")
     args = parser.parse_args()
     if "baseline" not in args.variants:
         args.variants.insert(0, "baseline")
@@ -164,17 +218,17 @@ def main() -> int:
     server.start()
     try:
         if args.only in (None, "inproc"):
-            rows = []
-            for n in (1, 5):
-                for variant in args.variants:
-                    if variant == "inline_20ms":
-                        result = bench_inproc(variant, n, server.url, max(50, args.requests // 60))
-                    else:
-                        result = bench_inproc(variant, n, server.url, args.requests)
-                    rows.append((variant, n, result))
-                    redis.Redis.from_url(server.url).flushall()
+            runs: list[tuple[str, int, dict[str, float]]] = []
+            for _ in range(args.rounds):
+                for n in args.n:
+                    for variant in args.variants:
+                        requests = max(50, args.requests // 60) if variant == "inline_20ms" else args.requests
+                        runs.append((variant, n, bench_inproc(variant, n, server.url, requests)))
+                        redis.Redis.from_url(server.url).flushall()
+            rows = medians(runs)
             base = {n: r["p50"] for v, n, r in rows if v == "baseline"}
-            table("In-process (Flask test client; latency includes what runs on response close)", rows, base)
+            table("In-process (Flask test client; latency includes what runs on response close; req/s and "
+                  "mean us include the final flush)", rows)
             sq = {n: r["p50"] for v, n, r in rows if v == "signal_queue"}
             for other in ("naive_enqueue", "celery_delay"):
                 o = {n: r["p50"] for v, n, r in rows if v == other}
@@ -185,16 +239,18 @@ def main() -> int:
                         print(f"per emit, N={n}: signal_queue {per_emit_sq:.1f} us, {other} {per_emit_other:.1f} us "
                               f"({per_emit_other / max(per_emit_sq, 0.01):.0f}x)")
         if args.only in (None, "gunicorn"):
-            rows = []
-            for n in (1, 5):
-                for variant in args.variants:
-                    rows.append((variant, n, bench_gunicorn(variant, n, server.url, args.seconds, args.clients)))
-                    redis.Redis.from_url(server.url).flushall()
-            base = {n: r["p50"] for v, n, r in rows if v == "baseline"}
-            table(f"gunicorn gthread (1 worker, 4 threads), {args.clients} keep-alive clients on loopback", rows, base)
+            runs = []
+            for _ in range(args.rounds):
+                for n in args.n:
+                    for variant in args.variants:
+                        runs.append((variant, n, bench_gunicorn(variant, n, server.url, args.seconds, args.clients)))
+                        redis.Redis.from_url(server.url).flushall()
+            rows = medians(runs)
+            table(f"gunicorn gthread (1 worker, 4 threads), {args.clients} keep-alive clients on loopback", rows)
     finally:
         server.stop()
-    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}; one run per variant")
+    print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, load average "
+          f"{os.getloadavg()[0]:.1f}; median of {args.rounds} interleaved run(s) per variant")
     return 0
 
 

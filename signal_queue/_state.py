@@ -65,7 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "SIGNAL_QUEUE_MAX_RESPONSE_BODY": 64 * 1024,
     "SIGNAL_QUEUE_DELIVERY": "background",
     "SIGNAL_QUEUE_BATCH_SIZE": 100,
-    "SIGNAL_QUEUE_LINGER": 0.01,
+    "SIGNAL_QUEUE_LINGER": 0.015,
     "SIGNAL_QUEUE_MAX_PENDING": 100_000,
     "SIGNAL_QUEUE_SPOOL_PATH": "",
     "SIGNAL_QUEUE_MAX_EVENT_BYTES": 256 * 1024,
@@ -189,7 +189,7 @@ class SignalQueueState(Producer):
         """A test's capture takes the event; in eager mode it runs now; else it goes to the outbox."""
         if self.capture is not None:
             self.capture.add(event, self)
-        elif self.eager:
+        elif self._config["SIGNAL_QUEUE_EAGER"]:  # self.eager, without a property call on each emit
             # The same JSON round trip a worker sees.
             execute_event(self.consumer, received_form(event, self.codec))
         else:

@@ -119,3 +119,46 @@ def test_backpressure_sends_from_the_request_thread_when_the_sender_lags(conn: r
     assert app.extensions["signal_queue"].dispatcher.counters["backpressure"] >= 1
     drain(app)
     assert queued_events(conn) == BACKPRESSURE_AT + 10
+
+
+def test_an_event_that_finds_the_sender_idle_goes_at_once(conn: redis.Redis) -> None:
+    """SIGNAL_QUEUE_LINGER is the least time between two sends, not a wait before each one: an event
+    emitted when the sender has not sent for that long is in Redis long before LINGER (10 s) is over."""
+    from tests.delivery_app import audit
+
+    app = create_app(SIGNAL_QUEUE_LINGER=10)
+    outbox = app.extensions["signal_queue"].outbox
+    outbox._sent_at = time.monotonic() - 60  # the sender's last send ended a minute ago
+    with app.app_context():
+        audit.send("idle", i=1)
+    assert wait_for_events(conn, 1, timeout=5) == 1, "sent at once, not after the linger"
+    app.extensions["signal_queue"].close()
+
+
+def test_events_emitted_while_a_send_is_on_its_way_go_together_in_the_next(conn: redis.Redis) -> None:
+    """Group commit (LINGER 0): the first event goes at once; the 20 emitted while that send is on its
+    way gather and go in one send, one job, as soon as it is back."""
+    import threading
+
+    from tests.delivery_app import audit
+
+    app = create_app(SIGNAL_QUEUE_LINGER=0)
+    dispatcher = app.extensions["signal_queue"].dispatcher
+    send, entered, release, sends = dispatcher.send, threading.Event(), threading.Event(), []
+
+    def held_send(batches: list[object]) -> None:
+        sends.append(sum(b.events for b in batches))  # type: ignore[attr-defined]
+        entered.set()
+        assert release.wait(10)
+        send(batches)  # type: ignore[arg-type]
+
+    dispatcher.send = held_send  # type: ignore[method-assign]
+    with app.app_context():
+        audit.send("first", i=0)
+        assert entered.wait(10), "the first event was sent without waiting for more"
+        for i in range(1, 21):
+            audit.send("meanwhile", i=i)
+        release.set()
+        assert wait_for_events(conn, 21) == 21
+    assert sends == [1, 20]
+    assert conn.llen("rq:queue:signals") == 2

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import random
 import re
 from typing import Any
 
@@ -11,7 +13,10 @@ import redis
 from flask import Flask
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from werkzeug.exceptions import SecurityError
 
+from signal_queue.producer.capture import _plain_snapshot, _werkzeug_snapshot, utc_isoformat
+from signal_queue.wire.codec import Codec
 from tests.conftest import drain, run_worker
 from tests.recording import records
 from tests.snapshot_app import create_app, probe
@@ -136,3 +141,70 @@ def test_app_context_only_emit_has_no_request(conn: redis.Redis, redis_url: str)
     assert rec["sender"] == "cli"
     assert rec["kwargs"]["has_request"] is False
     assert rec["kwargs"]["app_name"] == "tests.snapshot_app"
+
+
+# -- the snapshot's fast path reads the environ as werkzeug's Request does ------------------------------
+
+
+def random_environ(rng: random.Random) -> dict[str, Any]:
+    """A WSGI environ with the odd parts servers and clients produce: any of them may be missing or strange."""
+    plain = "abcXYZ019_.~-!$&'()*+,;=:@/"
+    odd = plain + "%?# é\u2603\x7f\t"
+    host = rng.choice([
+        "localhost", "LocalHost:5000", "example.com:80", "example.com:443", "[::1]:8080", "xn--n3h.net",
+        "bad host", "", "127.0.0.1", "h\u00e9.com", None,
+    ])
+    environ: dict[str, Any] = {
+        "REQUEST_METHOD": rng.choice(["GET", "post", "PATCH"]),
+        "wsgi.url_scheme": rng.choice(["http", "https"]),
+        "SCRIPT_NAME": rng.choice(["", "/app", "/app/", "//x", "/\u00e9"]),
+        "PATH_INFO": "/" + "".join(rng.choice(rng.choice([plain, odd])) for _ in range(rng.randrange(12))),
+        "QUERY_STRING": "".join(rng.choice(rng.choice([plain + "?", odd])) for _ in range(rng.randrange(10))),
+        "SERVER_NAME": rng.choice(["srv", "srv.local", "/tmp/unix.sock"]),
+        "SERVER_PORT": rng.choice(["80", "443", "8000", "", "x"]),
+        "REMOTE_ADDR": rng.choice(["10.0.0.1", "::1", None]),
+        "HTTP_USER_AGENT": "bench",
+        "HTTP_AUTHORIZATION": "Bearer s3cret",
+        "HTTP_X_REQUEST_ID": "rid",
+        "HTTP_X__ODD_": "odd",
+        "CONTENT_TYPE": rng.choice(["", "text/plain"]),
+        "CONTENT_LENGTH": rng.choice(["", "3"]),
+        "HTTP_CONTENT_TYPE": "ignored by werkzeug",
+        "wsgi.input": object(),
+        "werkzeug.request": object(),
+    }
+    if host is not None:
+        environ["HTTP_HOST"] = host
+    for key in rng.sample(["SCRIPT_NAME", "QUERY_STRING", "SERVER_PORT", "SERVER_NAME", "CONTENT_TYPE"], 2):
+        if rng.random() < 0.2:
+            del environ[key]
+    if rng.random() < 0.2:
+        environ["werkzeug.proxy_fix.orig"] = {"REMOTE_ADDR": "192.0.2.7"}
+    return environ
+
+
+def test_the_snapshot_read_straight_from_the_environ_is_werkzeugs() -> None:
+    """For 3,000 environs, plain and odd: the fast path's snapshot is werkzeug's Request's, or it steps aside."""
+    codec = Codec(redact_headers=["authorization"])
+    rng = random.Random(13)
+    fast = 0
+    for _ in range(3000):
+        environ = random_environ(rng)
+        try:
+            expected = _werkzeug_snapshot(dict(environ), codec)
+        except (UnicodeError, SecurityError, ValueError):
+            continue  # werkzeug itself cannot read it (a request it would refuse)
+        got = _plain_snapshot(dict(environ), codec)
+        if got is not None:
+            fast += 1
+            assert got == expected, environ
+    assert fast > 500, "the fast path serves the plain requests"
+
+
+def test_emitted_at_is_datetimes_own_isoformat() -> None:
+    """The emit time's text, formatted once per second, is datetime's for every microsecond and second."""
+    rng = random.Random(7)
+    stamps = [rng.uniform(0, 4e9) for _ in range(20_000)] + [1e9, 1e9 + 0.5e-6, 1e9 + 0.9999999, -1.5, 0.0]
+    for stamp in stamps:
+        expected = dt.datetime.fromtimestamp(stamp, dt.timezone.utc).isoformat()
+        assert utc_isoformat(stamp) == expected, stamp

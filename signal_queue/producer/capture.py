@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import re
 import time
 from contextvars import ContextVar
 from typing import Any
 
-from flask import Flask, Request, g, has_app_context, has_request_context, request
+from flask import Flask, Request, g, request
 
 from ..exceptions import PayloadError
 from ..wire.codec import REDACTED, Codec, Unserializable
@@ -135,6 +136,18 @@ _ENVIRON_KEYS = frozenset(
 )
 _RAW_KEY = "signal_queue.raw_request"
 
+#: Paths and query strings made only of these characters are left as they are by werkzeug's URL
+#: building (``quote`` with its safe characters, then ``uri_to_iri``, which only unquotes ``%XX``):
+#: such a request's ``url`` is its host's prefix with them appended, no werkzeug call needed.
+_PLAIN_PATH = re.compile(r"[A-Za-z0-9_.~!$&'()*+,/:;=@-]*").fullmatch
+_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~!$&'()*+,/:;=?@-]*").fullmatch
+#: Entries kept by each cache below: header names and Host values come from clients.
+_CACHE_MAX = 10_000
+#: (scheme, Host header, SERVER_NAME, SERVER_PORT) -> (host, URL up to the path), as werkzeug makes them.
+_hosts: dict[tuple[Any, Any, Any, Any], tuple[str, str]] = {}
+#: WSGI environ key -> (header name as werkzeug spells it, lower-cased), or None for a key that is no header.
+_header_names: dict[str, tuple[str, str] | None] = {}
+
 
 class RawRequest:
     """What the request thread keeps of a request: cheap to take, turned into a snapshot later.
@@ -167,28 +180,121 @@ class RawRequest:
         return key
 
     def snapshot(self, codec: Codec, user: str | None) -> dict[str, Any]:
-        """The JSON form of :class:`~signal_queue.event.RequestSnapshot` (cached but for the user)."""
-        if self._snapshot is None:
-            environ = {k: v for k, v in dict(self.environ).items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
-            req = Request(environ, populate_request=False, shallow=True)
-            self._snapshot = {
-                "method": req.method,
-                "scheme": req.scheme,
-                "host": req.host,
-                "root_path": req.root_path,
-                "path": req.path,
-                "query_string": req.query_string.decode("latin-1"),
-                "url": req.url,
-                "endpoint": self.endpoint,
-                "view_args": _encode_view_args(codec, self.view_args),
-                "headers": codec.headers(req.headers.items()),
-                # The peer that connected, and the client as the app sees it: REMOTE_ADDR
-                # after werkzeug's ProxyFix, when the app uses it (one rule, the app's own).
-                "remote_addr": (environ.get(_PROXY_FIX_ORIGINAL) or {}).get("REMOTE_ADDR", req.remote_addr),
-                "client_ip": req.remote_addr,
-                "request_id": self.request_id,
-            }
-        return dict(self._snapshot, user=user)
+        """The JSON form of :class:`~signal_queue.event.RequestSnapshot` (cached but for the user).
+
+        Without a user, the cached dict itself: callers only read it.
+        """
+        snap = self._snapshot
+        if snap is None:
+            environ = dict(self.environ)
+            snap = _plain_snapshot(environ, codec) or _werkzeug_snapshot(environ, codec)
+            snap["endpoint"] = self.endpoint
+            snap["view_args"] = _encode_view_args(codec, self.view_args)
+            snap["request_id"] = self.request_id
+            snap["user"] = None
+            self._snapshot = snap
+        return snap if user is None else dict(snap, user=user)
+
+
+def _werkzeug_snapshot(environ: dict[str, Any], codec: Codec) -> dict[str, Any]:
+    """The request's fields as werkzeug's ``Request`` reads them from ``environ``: any request."""
+    environ = {k: v for k, v in environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
+    req = Request(environ, populate_request=False, shallow=True)
+    return {
+        "method": req.method,
+        "scheme": req.scheme,
+        "host": req.host,
+        "root_path": req.root_path,
+        "path": req.path,
+        "query_string": req.query_string.decode("latin-1"),
+        "url": req.url,
+        "headers": codec.headers(req.headers.items()),
+        # The peer that connected, and the client as the app sees it: REMOTE_ADDR
+        # after werkzeug's ProxyFix, when the app uses it (one rule, the app's own).
+        "remote_addr": (environ.get(_PROXY_FIX_ORIGINAL) or {}).get("REMOTE_ADDR", req.remote_addr),
+        "client_ip": req.remote_addr,
+    }
+
+
+def _plain_snapshot(environ: dict[str, Any], codec: Codec) -> dict[str, Any] | None:
+    """The same fields as :func:`_werkzeug_snapshot` for a plain request, read straight from ``environ``.
+
+    Building a werkzeug ``Request`` and its URL costs ~60 us a request, most of the sender's work
+    (profiled). A request whose scheme is text and whose path, root path and query string are
+    made of :data:`_PLAIN_PATH` characters needs none of it: werkzeug would leave them as they are.
+    The host and the URL's start are werkzeug's own, cached by what they depend on. Anything else
+    returns None, for werkzeug to read (``tests/test_snapshot.py`` checks the two agree).
+    """
+    scheme = environ.get("wsgi.url_scheme")
+    root_path = environ.get("SCRIPT_NAME") or ""
+    path = environ.get("PATH_INFO") or ""
+    query = environ.get("QUERY_STRING", "")
+    if not (
+        type(scheme) is str and type(root_path) is str and type(path) is str and type(query) is str
+        and _PLAIN_PATH(root_path) and _PLAIN_PATH(path) and _PLAIN_QUERY(query)
+    ):
+        return None
+    where = (scheme, environ.get("HTTP_HOST"), environ.get("SERVER_NAME"), environ.get("SERVER_PORT"))
+    host_prefix = _hosts.get(where)
+    if host_prefix is None:
+        host_prefix = _host_prefix(*where)
+        if len(_hosts) < _CACHE_MAX:
+            _hosts[where] = host_prefix
+    host, prefix = host_prefix
+    if not host:  # werkzeug's URL of an empty host depends on the path: its own reading
+        return None
+    root_path = root_path.rstrip("/")
+    path = "/" + path.lstrip("/")
+    url = f"{prefix}{root_path}{path}"
+    if query:
+        url = f"{url}?{query}"
+    redact = codec.redact_headers
+    headers = []
+    names = _header_names
+    for key, value in environ.items():
+        try:
+            name = names[key]
+        except KeyError:
+            name = _header_name(key)
+        if name is not None and (value or key[0] == "H"):  # werkzeug skips empty CONTENT_TYPE/LENGTH
+            headers.append([name[0], REDACTED if name[1] in redact else value])
+    client = environ.get("REMOTE_ADDR")
+    return {
+        "method": environ.get("REQUEST_METHOD", "GET").upper(),
+        "scheme": scheme,
+        "host": host,
+        "root_path": root_path,
+        "path": path,
+        "query_string": query,
+        "url": url,
+        "headers": headers,
+        "remote_addr": (environ.get(_PROXY_FIX_ORIGINAL) or {}).get("REMOTE_ADDR", client),
+        "client_ip": client,
+    }
+
+
+def _host_prefix(scheme: str, host: Any, server_name: Any, server_port: Any) -> tuple[str, str]:
+    """werkzeug's host for these values, and its URL of the root path without the final ``/``."""
+    environ = {"wsgi.url_scheme": scheme, "SCRIPT_NAME": "", "PATH_INFO": "", "QUERY_STRING": ""}
+    for key, value in (("HTTP_HOST", host), ("SERVER_NAME", server_name), ("SERVER_PORT", server_port)):
+        if value is not None:
+            environ[key] = value
+    req = Request(environ, populate_request=False, shallow=True)
+    return req.host, req.url[:-1]
+
+
+def _header_name(key: str) -> tuple[str, str] | None:
+    """The header an environ key holds, as werkzeug's ``EnvironHeaders`` names it (None: not a header)."""
+    if key[:5] == "HTTP_" and key not in ("HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"):
+        name = key[5:].replace("_", "-").title()
+    elif key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        name = key.replace("_", "-").title()
+    else:
+        name = None
+    found = None if name is None else (name, name.lower())
+    if len(_header_names) < _CACHE_MAX:
+        _header_names[key] = found
+    return found
 
 
 def _encode_view_args(codec: Codec, view_args: dict[str, Any]) -> dict[str, Any]:
@@ -203,9 +309,10 @@ def _encode_view_args(codec: Codec, view_args: dict[str, Any]) -> dict[str, Any]
 
 def capture_request() -> RawRequest | None:
     """The active request's :class:`RawRequest` (taken on its first event), or None outside a request."""
-    if not has_request_context():
+    try:
+        req: Request = request._get_current_object()  # type: ignore[attr-defined]
+    except RuntimeError:  # outside a request
         return None
-    req: Request = request._get_current_object()  # type: ignore[attr-defined]
     environ = req.environ
     raw: RawRequest | None = environ.get(_RAW_KEY)
     if raw is None:
@@ -255,26 +362,54 @@ class PendingEvent:
         the snapshot goes in the table once and the event refers to it.
         """
         raw = self.raw_request
-        if shared is not None and raw is not None:
+        if raw is None:
+            snapshot: Any = None
+        elif shared is not None:
             # Keyed by an id the bridge made for this request, never by the client's
             # X-Request-ID: two requests may send the same one (a retry, or on purpose).
             key = raw.key
             if key not in shared:
                 shared[key] = raw.snapshot(codec, None)
-            snapshot: Any = {"ref": key, "user": self.user}
+            snapshot = {"ref": key, "user": self.user}
         else:
-            snapshot = None if raw is None else raw.snapshot(codec, self.user)
+            snapshot = raw.snapshot(codec, self.user)
+        receiver = self.receiver
         return {
             "v": FORMAT_VERSION,
             "id": self.id,
-            "signal": self.receiver.signal_name,
-            "receiver": self.receiver.name,
-            "emitted_at": dt.datetime.fromtimestamp(self.emitted, dt.timezone.utc).isoformat(),
+            "signal": receiver.signal_name,
+            "receiver": receiver.name,
+            "emitted_at": utc_isoformat(self.emitted),
             "sender": self.sender,
             "kwargs": self.kwargs,
             "request": snapshot,
             "g": self.g,
         }
+
+
+_UTC = dt.timezone.utc
+_second: tuple[int, str] = (0, "1970-01-01T00:00:00")
+
+
+def utc_isoformat(timestamp: float) -> str:
+    """``datetime.fromtimestamp(timestamp, utc).isoformat()``, the same text at a quarter of the cost.
+
+    Rounded to the microsecond as ``datetime`` rounds (half to even); the date and time
+    of the whole second are formatted once per second, not once per event.
+    """
+    global _second
+    fraction, whole = math.modf(timestamp)
+    micros = round(fraction * 1e6)
+    second = int(whole)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    cached_second, text = _second
+    if second != cached_second:
+        text = dt.datetime.fromtimestamp(second, _UTC).isoformat()[:19]
+        _second = (second, text)
+    return f"{text}.{micros:06d}+00:00" if micros else f"{text}+00:00"
 
 
 def received_form(event: PendingEvent, codec: Codec) -> dict[str, Any]:
@@ -283,6 +418,8 @@ def received_form(event: PendingEvent, codec: Codec) -> dict[str, Any]:
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+#: Senders sent as they are; a float goes through the codec, which tags a NaN or an infinity.
+_PLAIN_SENDER = frozenset({str, int, bool, type(None)})
 
 
 def build_event(
@@ -305,14 +442,13 @@ def build_event(
     """
     encoded = kwargs
     size = 0
+    secret = codec.secret
     for key, value in kwargs.items():
-        if codec.secret(key):
-            encoded = _encode_kwargs(codec, receiver, kwargs, lenient)
-            size = _json_size_bound(encoded)
-            break
-        if type(value) is str:
-            size += _json_size_bound(value)
-        elif type(value) not in _PLAIN:
+        kind = type(value)
+        if kind is str and not secret(key):
+            size += len(value) + 2 if value.isascii() else 6 * len(value) + 2
+        elif kind not in _PLAIN or (kind is float and value - value) or secret(key):
+            # A value to encode (or a NaN or infinity, which JSON has no word for), or a secret.
             encoded = _encode_kwargs(codec, receiver, kwargs, lenient)
             size = _json_size_bound(encoded)
             break
@@ -322,15 +458,18 @@ def build_event(
     raw = capture_request()
     captured_g: dict[str, Any] = {}
     user = None
-    if has_app_context():  # else the sender is the app, sent outside its context
+    try:
         g_obj = g._get_current_object()
+    except RuntimeError:  # no app context: the sender is the app, sent outside its context
+        pass
+    else:
         captured_g = capture_g(codec, g_obj)
         if raw is not None:
             user = current_user_id(app, g_obj, receiver.signal, kwargs)
     return PendingEvent(
         receiver,
         time.time(),
-        sender if type(sender) in _PLAIN else codec.encode_sender(sender),
+        sender if type(sender) in _PLAIN_SENDER else codec.encode_sender(sender),
         encoded,
         raw,
         captured_g,

@@ -3,7 +3,8 @@
 :meth:`Dispatcher.deliver` turns pending events into RQ jobs of up to
 ``SIGNAL_QUEUE_BATCH_SIZE`` events each (a job costs ~20 Redis round trips
 in a worker, so it is paid once per batch, not once per event) and writes all
-of them with ``Queue.enqueue_many`` in one pipeline: one round trip. Redis
+of them in one pipeline, as ``Queue.enqueue_many`` would (:mod:`..wire.rq_jobs`):
+one round trip. Redis
 errors become a logged :class:`~signal_queue.exceptions.DeliveryError`,
 never an exception in the request. The outage spool hooks in here, and so
 does the reporting of an outage: its log lines (one per cause per
@@ -29,9 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue, Retry
-from rq.job import Job
-from rq.queue import EnqueueData
+from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ..exceptions import DeliveryError
@@ -50,6 +49,7 @@ from ..wire.keys import (
 from ..wire.redis_connect import RedisSource
 from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
+from ..wire.rq_jobs import JOB_KEY, enqueue, job_data, job_hash, rq_time
 from .capture import PendingEvent
 from .ledger import TOTALS as LEDGER_TOTALS
 from .spool import Spool, SpooledBatch, is_write_failure, sqlite_cause
@@ -157,20 +157,6 @@ class CircuitBreaker:
     @property
     def retry_in(self) -> float:
         return max(0.0, self._open_until - time.monotonic())
-
-
-class NewJob(Job):
-    """RQ's job, saved without the fields a new job leaves empty: callbacks, worker, start and end
-    times, group (RQ writes them as ""). A job hash gets Redis's hashtable encoding (its data is
-    longer than 64 bytes), where a field costs ~70 bytes: ~700 bytes less per waiting job.
-
-    RQ reads a missing field as an empty one (rq 3.0 ``Job.restore`` reads each with ``obj.get``,
-    mirrored in :mod:`signal_queue.consumer.rq_compat`) and writes them when the job starts. Only
-    for jobs this module creates: a save of an existing job must write empty fields, to clear them.
-    """
-
-    def to_dict(self, include_meta: bool = True, include_result: bool = True) -> dict[str, Any]:
-        return {name: value for name, value in super().to_dict(include_meta, include_result).items() if value != ""}
 
 
 #: Seconds the sent-markers of confirmed sends may wait for a next send to delete them, before an
@@ -285,7 +271,7 @@ class Dispatcher:
         if q is None:
             with self._lock:
                 q = self._queues.setdefault(
-                    name, Queue(name, connection=self.connection, serializer=JSONSerializer, job_class=NewJob)
+                    name, Queue(name, connection=self.connection, serializer=JSONSerializer)
                 )
         return q
 
@@ -334,9 +320,14 @@ class Dispatcher:
     def batch(self, queue: str, events: Sequence[PendingEvent]) -> SpooledBatch:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
         requests: dict[str, dict[str, Any]] = {}
-        payloads = [e.to_dict(self.codec, requests) for e in events]
-        timeout = batch_timeout(e.receiver.timeout or self.default_timeout for e in events)
-        names = sorted({f"{e.receiver.signal_name} -> {e.receiver.name}" for e in events})
+        codec, default_timeout = self.codec, self.default_timeout
+        payloads, timeouts, found = [], [], {}
+        for e in events:
+            payloads.append(e.to_dict(codec, requests))
+            timeouts.append(e.receiver.timeout or default_timeout)
+            found[id(e.receiver)] = e.receiver
+        timeout = batch_timeout(timeouts)
+        names = sorted({f"{r.signal_name} -> {r.name}" for r in found.values()})
         job = {
             "args": [payloads, requests],
             "timeout": timeout,
@@ -356,24 +347,23 @@ class Dispatcher:
         """
         with self._confirmed_lock:
             obsolete, self._confirmed = self._confirmed, []
-        by_queue: dict[str, list[EnqueueData]] = defaultdict(list)
+        now = rq_time()
+        by_queue: dict[str, list[tuple[str, dict[str, bytes | str | int]]]] = defaultdict(list)
         for b in batches:
-            by_queue[b.queue].append(
-                Queue.prepare_data(
-                    RUN_EVENTS,
-                    args=tuple(b.job["args"]),
-                    timeout=b.job["timeout"],
-                    result_ttl=b.job["result_ttl"],
-                    failure_ttl=b.job["failure_ttl"],
-                    description=b.job["description"],
-                    job_id=b.job_id,
-                    retry=Retry(max=BATCH_RETRIES),
-                )
-            )
+            by_queue[b.queue].append((b.job_id, job_hash(
+                job_data(RUN_EVENTS, b.job["args"]),
+                origin=b.queue,
+                timeout=b.job["timeout"],
+                result_ttl=b.job["result_ttl"],
+                failure_ttl=b.job["failure_ttl"],
+                description=b.job["description"],
+                retries=BATCH_RETRIES,
+                now=now,
+            )))
         try:
             with self.connection.pipeline(transaction=True) as pipe:
-                for name, datas in by_queue.items():
-                    self.queue(name).enqueue_many(datas, pipeline=pipe)
+                for name, jobs in by_queue.items():
+                    enqueue(pipe, name, jobs)  # as Queue.enqueue_many writes them (see wire/rq_jobs.py)
                 for b in batches:
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
                 if obsolete:
@@ -600,7 +590,7 @@ class Dispatcher:
         """
         with self.connection.pipeline(transaction=False) as pipe:
             for b in batches:
-                pipe.exists(SENT_KEY.format(b.job_id), NewJob.key_for(b.job_id))
+                pipe.exists(SENT_KEY.format(b.job_id), JOB_KEY.format(b.job_id))
             arrived = pipe.execute()
         fresh = [b for b, there in zip(batches, arrived, strict=True) if not there]
         if fresh:

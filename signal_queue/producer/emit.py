@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, current_app, has_app_context
+from flask import Flask, current_app
 
 from ..exceptions import ConfigurationError, PayloadError
 from ..wire.codec import Codec
@@ -69,8 +69,10 @@ def producer_for(app: Flask) -> Producer:
 
 def app_for(sender: Any, receiver: DeferredReceiver) -> Flask:
     """The app whose queue gets the event: the current app, else a Flask app sender."""
-    if has_app_context():
+    try:
         return current_app._get_current_object()  # type: ignore[attr-defined,no-any-return]
+    except RuntimeError:  # no app context (one context lookup, where has_app_context() first would take two)
+        pass
     if isinstance(sender, Flask):
         return sender
     raise ConfigurationError(

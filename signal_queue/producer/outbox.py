@@ -4,9 +4,10 @@ Delivery modes (``SIGNAL_QUEUE_DELIVERY``):
 
 ``background`` (default)
     The request thread appends the event to an in-memory queue; a sender
-    thread sends whatever has gathered, every ``SIGNAL_QUEUE_LINGER`` seconds
-    at most, as batched RQ jobs in one pipeline. The request never waits for
-    Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
+    thread sends whatever has gathered as batched RQ jobs in one pipeline: at
+    once if it has not sent for ``SIGNAL_QUEUE_LINGER`` seconds, else that long
+    after its previous send ended (events gather meanwhile). The request never
+    waits for Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
 ``after_response``
     Events are held on the request and sent in one pipeline when the
     response is closed (after the body went out), on the request's thread.
@@ -64,6 +65,7 @@ class Outbox:
         self._pid = os.getpid()
         self._closed = False
         self._idle = False
+        self._sent_at = 0.0  # time.monotonic() when the sender thread's last send ended
         _outboxes.add(self)
         # No sender thread yet, even if a previous process left spooled batches: a
         # gunicorn --preload master makes the app and then forks, and its thread would
@@ -80,8 +82,10 @@ class Outbox:
             if self.mode != "background":
                 if not self.dispatcher.deliver([event]) or (self._thread is None and self.dispatcher.spool_dirty):
                     self._start()  # the sender replays the spool when Redis is back
-            elif self._pid == os.getpid() and len(self._pending) < self._fast_limit and self._thread is not None:
-                self._pending.append(event)  # the hot path: one append
+            elif self._thread is not None and len(self._pending) < self._fast_limit:
+                # The hot path: one append. A forked child has no sender thread (after_fork, run
+                # by os.register_at_fork, clears it): its first event takes the path below.
+                self._pending.append(event)
                 if self._idle:
                     self._wake.set()
             else:
@@ -179,8 +183,11 @@ class Outbox:
         self._lock = threading.Lock()
         self._sending = threading.Lock()
         self._wake = threading.Event()
+        self._sent_at = 0.0
 
     def _run(self) -> None:
+        if not self._sent_at:  # the first events of a process gather for LINGER, as if a send had just ended
+            self._sent_at = time.monotonic()
         # The app is held weakly: an app made by a factory and dropped takes its sender with it.
         while not self._closed and self._app() is not None:
             try:
@@ -207,8 +214,34 @@ class Outbox:
             self._idle = False
             self._wake.clear()
             return
-        time.sleep(self.linger)  # let a batch gather from concurrent requests
-        self.flush()
+        # A send begins at least LINGER after the previous one ended: an event that finds the
+        # sender idle that long goes at once; while sends follow each other, the next batch
+        # gathers during the send and LINGER after it (with 0: during the send only).
+        wait = self._sent_at + self.linger - time.monotonic()
+        if wait > 0:
+            self._wake.wait(wait)  # close() cuts it short; puts do not wake a sender that is not idle
+            self._wake.clear()
+        try:
+            self._send_some()
+        finally:
+            self._sent_at = time.monotonic()
+
+    def _send_some(self) -> None:
+        """One send: up to ``max_events_per_send`` of the pending events."""
+        with self._sending:
+            batch = self._take()
+            if batch:
+                self.dispatcher.deliver(batch)
+
+    def _take(self) -> list[PendingEvent]:
+        batch: list[PendingEvent] = []
+        pending, most = self._pending, self.dispatcher.max_events_per_send
+        try:
+            while len(batch) < most:
+                batch.append(pending.popleft())
+        except IndexError:
+            pass
+        return batch
 
     def flush(self) -> int:
         """Send everything pending now; return how many events were taken.
@@ -219,12 +252,7 @@ class Outbox:
         taken = 0
         with self._sending:
             while self._pending:
-                batch: list[PendingEvent] = []
-                try:
-                    while len(batch) < self.dispatcher.max_events_per_send:
-                        batch.append(self._pending.popleft())
-                except IndexError:
-                    pass
+                batch = self._take()
                 taken += len(batch)
                 self.dispatcher.deliver(batch)
         return taken

@@ -2,17 +2,19 @@
 
 Everything that crosses Redis is JSON. Plain JSON values go as they are; a few
 types Flask signals send (exceptions, responses, templates, the app, ``g``,
-``request``) and a few common Python types (datetime, UUID, Decimal, bytes,
-tuple, set) are written as tagged objects ``{"__sq__": tag, ...}`` and rebuilt
-in the worker. Anything else is refused at emit time with the key that held it,
-so that a value that cannot reach the worker fails where the programmer can
-see it, not later in a log nobody reads.
+``request``), a few common Python types (datetime, UUID, Decimal, bytes, tuple,
+set) and the floats JSON has no word for (NaN, infinities) are written as
+tagged objects ``{"__sq__": tag, ...}`` and rebuilt in the worker. Anything
+else is refused at emit time with the key that held it, so that a value that
+cannot reach the worker fails where the programmer can see it, not later in a
+log nobody reads.
 """
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
+import math
 import sys
 import traceback
 import uuid
@@ -134,6 +136,8 @@ class Carrier(Protocol):
     ``encode`` returns the tagged JSON form (``{TAG: carrier.tag, ...}``), or
     :data:`NOT_MINE`; ``decode`` rebuilds the value in the worker, with the
     emit's contexts pushed, and raises ``ValueError`` saying why it cannot.
+    Values inside the form go through ``codec.encode`` (which tags a NaN or an
+    infinity: the job's JSON encoder would write those as null).
     """
 
     tag: str
@@ -209,6 +213,10 @@ class Codec:
         if isinstance(value, str):
             return str(value)  # drops str subclasses such as markupsafe.Markup
         if isinstance(value, JSONScalar):
+            if isinstance(value, float) and not math.isfinite(value):
+                # JSON has no NaN or infinity (Python's json writes them anyway, other encoders
+                # write null): tagged, so the worker gets the same float whatever wrote the job.
+                return {TAG: "float", "v": repr(float(value))}
             return value
         if isinstance(value, list):
             return self._encode_items(value, key, depth)
@@ -468,6 +476,7 @@ _DECODERS: dict[str, Callable[[Codec, Mapping[str, Any]], Any]] = {
     "uuid": lambda c, v: uuid.UUID(v["v"]),
     "decimal": lambda c, v: Decimal(v["v"]),
     "bytes": lambda c, v: base64.b64decode(v["v"]),
+    "float": lambda c, v: _nonfinite(v["v"]),
 }
 # Tagged containers: their items are decoded one level deeper (see MAX_DEPTH).
 _CONTAINERS: dict[str, Callable[[Codec, Mapping[str, Any], int], Any]] = {
@@ -476,6 +485,12 @@ _CONTAINERS: dict[str, Callable[[Codec, Mapping[str, Any], int], Any]] = {
     "frozenset": lambda c, v, d: frozenset(c.decode(v["items"], d)),
     "dict": lambda c, v, d: {k: c.decode(x, d + 1) for k, x in v["items"].items()},
 }
+
+
+def _nonfinite(text: Any) -> float:
+    if text not in ("nan", "inf", "-inf"):
+        raise ValueError(f"a tagged float must be nan, inf or -inf, got {text!r}")
+    return float(text)
 
 
 def _refuse_unsendable(value: Mapping[str, Any]) -> Any:
