@@ -87,7 +87,7 @@ def test_rq_reads_the_job_back_and_its_worker_runs_it(conn: redis.Redis, redis_u
     job = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
     assert (job.func_name, job.get_status(), job.origin) == (RUN_EVENTS, JobStatus.QUEUED, "signals")
     assert job.args[0][0]["kwargs"] == {"value": "first"} and len(job.args[0]) == 3
-    assert (job.retries_left, job.retry_intervals, job.result_ttl) == (BATCH_RETRIES, [0], 500)
+    assert (job.retries_left, job.retry_intervals, job.result_ttl) == (BATCH_RETRIES, [0], 0)  # not kept
     assert job.created_at is not None and job.enqueued_at is not None
     assert job.description == "3 event(s): misc -> tests.misc_app:on_misc"
     queue = Queue("signals", connection=conn, serializer=JSONSerializer)
@@ -102,8 +102,9 @@ def test_rq_reads_the_job_back_and_its_worker_runs_it(conn: redis.Redis, redis_u
     run_worker(APP, redis_url)
 
     assert [r["kwargs"]["value"] for r in records(conn)] == ["first", "second", "third"]
-    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.FINISHED
-    assert job_id in FinishedJobRegistry("signals", connection=conn).get_job_ids()
+    # Finished: deleted at once (SIGNAL_QUEUE_RESULT_TTL 0), as RQ deletes a job whose result is not kept.
+    assert not conn.exists(f"rq:job:{job_id}")
+    assert FinishedJobRegistry("signals", connection=conn).get_job_ids() == []
     assert StartedJobRegistry("signals", connection=conn).get_job_ids() == []
 
 
