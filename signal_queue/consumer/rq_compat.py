@@ -115,6 +115,8 @@ MIRRORED = {
     "rq.worker.BaseWorker._shutdown": "828be105b616d1d6",  # StopRequested raised wherever an idle worker is
     "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
+    "rq.executions.ExecutionRegistry.get_executions": "f0b4dd0be021900e",  # raises for a gone execution
+    "rq.executions.Execution.key.fget": "7b80e9ed12a68e2c",  # rq:execution:<job id>:<id>
     # FaultAwareWorker: the loop ends quietly on StopRequested (RedisFault is one); the dequeue
     # loop retries connection errors itself, a line per try (dequeue_job_and_maintain_ttl, above);
     # the calls the loop makes.
@@ -219,6 +221,27 @@ class CompatJob(Job):
     def starting(self, pipeline: Any) -> None:
         """Add to the pipeline that marks the job started (it costs no round trip)."""
 
+    def forget_gone_executions(self) -> None:
+        """Take the executions whose hash is gone out of the job's execution registry.
+
+        rq 3.0 ``ExecutionRegistry.get_executions`` raises ValueError for an execution id whose
+        hash is gone: that of a worker killed mid-job, whose execution was cleaned up since.
+        ``Job.delete`` reads them (``StartedJobRegistry.remove_executions``,
+        ``ExecutionRegistry.delete``), so a job run again after its worker was killed, whose
+        result is not kept (deleted at its end), failed after it ran.
+        """
+        registry = self.execution_registry
+        ids = registry.get_execution_ids()
+        if not ids:
+            return
+        with self.connection.pipeline(transaction=False) as pipe:
+            for execution_id in ids:
+                pipe.exists(Execution(execution_id, self.id, connection=self.connection).key)
+            there = pipe.execute()
+        gone = [execution_id for execution_id, found in zip(ids, there, strict=True) if not found]
+        if gone:
+            self.connection.zrem(registry.key, *gone)
+
     def delete(self, pipeline: Any = None, remove_from_queue: bool = True, delete_dependents: bool = False) -> None:
         # rq 3.0 Job.delete first reads the job's stored status (_remove_from_registries calls
         # _fetch_status, to know which registry holds it) and raises InvalidJobOperation if there
@@ -227,6 +250,7 @@ class CompatJob(Job):
         # purge) would fail there after it ran, and RQ's retry would run it again. The heartbeat
         # may have written a new hash meanwhile, with only `last_heartbeat`. A job without a
         # status is in no registry by status: what is left of it is deleted, as RQ's delete does.
+        self.forget_gone_executions()
         try:
             super().delete(pipeline, remove_from_queue, delete_dependents)
         except InvalidJobOperation:
