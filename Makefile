@@ -44,4 +44,5 @@ bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/request_path.py
 	$(PY) benchmarks/worker_throughput.py
+	$(PY) benchmarks/worker_cpu.py
 	$(PY) benchmarks/memory.py
