@@ -46,4 +46,5 @@ bench: $(VENV)/.installed
 	$(PY) benchmarks/emit_cpu.py
 	$(PY) benchmarks/delivery_lag.py
 	$(PY) benchmarks/worker_throughput.py
+	$(PY) benchmarks/worker_cpu.py
 	$(PY) benchmarks/memory.py

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +54,7 @@ def cpu(pid: int) -> float:
 
 
 def children(pid: int) -> list[int]:
+    """The pids of ``pid``'s child processes."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         with open(task / "children") as f:
@@ -64,9 +66,9 @@ def redis_pid() -> int:
     return int(conn.info("server")["process_id"])
 
 
-def wait_for(condition: object, what: str, timeout: float = 60) -> None:
+def wait_for(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
+    while not condition():
         if time.monotonic() > deadline:
             raise SystemExit(f"timed out waiting for {what}")
         time.sleep(0.01)
