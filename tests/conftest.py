@@ -15,6 +15,7 @@ from flask import Flask
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from devtools.redis_process import RedisProcess
 from signal_queue import SignalQueue
 from signal_queue.wire.keys import RUN_EVENTS
 from tests.redis_server import RedisServer
@@ -113,3 +114,20 @@ def run_worker(
     )
     assert result.returncode == 0, f"worker exited {result.returncode}\n{result.stdout}\n{result.stderr}"
     return result
+
+
+@pytest.fixture
+def server() -> Iterator[RedisProcess]:
+    """A redis-server of the test's own, killed at the end."""
+    process = RedisProcess()
+    process.start()
+    yield process
+    process.kill()
+
+
+@pytest.fixture
+def client(server: RedisProcess) -> Iterator[redis.Redis]:
+    """A client of the test's Redis."""
+    connection = redis.Redis.from_url(server.url)
+    yield connection
+    connection.close()

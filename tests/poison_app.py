@@ -17,6 +17,7 @@ from flask import Flask
 from rq import Retry
 
 from signal_queue import SignalQueue, current_event, deferred
+from tests.fault_log import log
 
 bus = Namespace()
 step = bus.signal("poison-step")
@@ -53,15 +54,6 @@ def create_app(**config: Any) -> Flask:
         return "ok"
 
     return app
-
-
-def log(what: str, *extra: Any) -> None:
-    line = " ".join(map(str, (what, current_event.id, current_event.attempt, os.getpid(), *extra)))
-    fd = os.open(os.environ["FAULT_LOG"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 @deferred(step)

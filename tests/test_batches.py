@@ -36,21 +36,6 @@ BATCH_APP = "tests.batch_app:create_app()"
 
 
 @pytest.fixture
-def server() -> Iterator[RedisProcess]:
-    process = RedisProcess()
-    process.start()
-    yield process
-    process.kill()
-
-
-@pytest.fixture
-def client(server: RedisProcess) -> Iterator[redis.Redis]:
-    connection = redis.Redis.from_url(server.url)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
 def app(server: RedisProcess, tmp_path: Path) -> Iterator[Flask]:
     """The batch app on the test's Redis; its events wait for drain() (a long linger), so they make one batch."""
     from tests.batch_app import create_app

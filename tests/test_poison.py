@@ -34,23 +34,6 @@ KILL_BOUND = 1 + 2.0 + 2.0
 
 
 @pytest.fixture
-def server() -> Iterator[RedisProcess]:
-    """A redis-server of the test's own, killed at the end."""
-    process = RedisProcess()
-    process.start()
-    yield process
-    process.kill()
-
-
-@pytest.fixture
-def client(server: RedisProcess) -> Iterator[redis.Redis]:
-    """A client of the test's Redis."""
-    connection = redis.Redis.from_url(server.url)
-    yield connection
-    connection.close()
-
-
-@pytest.fixture
 def app(server: RedisProcess, tmp_path: Path) -> Iterator[Flask]:
     """The poison app on the test's Redis; its events wait for drain() (a long linger), so they make one batch."""
     from tests.poison_app import create_app
