@@ -148,9 +148,12 @@ class TlsRedis:
                 time.sleep(0.05)
 
     def url(self, query: str = "") -> str:
-        """A URL that verifies Redis's certificate against the trusted CA (plus ``query``)."""
-        return (f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_ca_certs={self.pki / 'trusted.crt'}"
-                + query)
+        """A URL that verifies Redis's certificate and host name against the trusted CA (plus ``query``).
+
+        ``ssl_check_hostname=true``: redis-py checks the host name by default only from release 6 on.
+        """
+        return (f"rediss://127.0.0.1:{self.port}/0?ssl_cert_reqs=required&ssl_check_hostname=true"
+                f"&ssl_ca_certs={self.pki / 'trusted.crt'}" + query)
 
     def use_certificate(self, cert: str) -> None:
         """Redis shows ``cert`` to new connections from now on (no restart)."""

@@ -47,6 +47,13 @@ _BY_CLASS: tuple[tuple[type[redis.RedisError], str], ...] = (
     (redis.exceptions.MasterDownError, "MASTERDOWN"),
 )
 
+#: Redis's words for an authentication error, whose code older redis-py releases do not keep.
+_BY_MESSAGE = (
+    ("invalid username-password pair", "WRONGPASS"),
+    ("invalid password", "WRONGPASS"),
+    ("Authentication required", "NOAUTH"),
+)
+
 #: What Redis says when an ACL denies a command, also one a script runs (then it is a plain
 #: ResponseError: "The user executing the script can't run this command or subcommand").
 _ACL_DENIALS = ("NOPERM", "can't run this command", "no permissions to")
@@ -172,7 +179,10 @@ def error_code(exc: BaseException) -> str | None:
     if text.startswith("Transaction discarded because of: "):  # EXECABORT names the first refusal
         text = text.split(": ", 1)[1].lstrip("-")
     word = text.split(" ", 1)[0]
-    return word if word.isupper() and word.isalpha() else None
+    if word.isupper() and word.isalpha():
+        return word
+    # redis-py < 6 drops the code of an authentication error and keeps only Redis's words.
+    return next((code for words, code in _BY_MESSAGE if text.startswith(words)), None)
 
 
 def _chain(exc: BaseException) -> list[BaseException]:
