@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -131,3 +132,12 @@ def client(server: RedisProcess) -> Iterator[redis.Redis]:
     connection = redis.Redis.from_url(server.url)
     yield connection
     connection.close()
+
+
+def wait_until(what: str, check: Callable[[], object], timeout: float) -> None:
+    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)

@@ -28,8 +28,8 @@ from rq.serializers import JSONSerializer
 from devtools.redis_process import RedisProcess
 from signal_queue import SignalQueue
 from signal_queue.consumer.handler_process import WAKE_EVERY
-from tests.conftest import ROOT, drain
-from tests.test_faults import fault_env, wait_until
+from tests.conftest import ROOT, drain, wait_until
+from tests.test_faults import fault_env
 from tests.test_poison import alive, descendants, entries, settled, worker_log
 
 BATCH_APP = "tests.batch_app:create_app()"

@@ -14,9 +14,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -25,7 +23,7 @@ from rq.serializers import JSONSerializer
 
 from signal_queue.consumer.job import SignalJob
 from signal_queue.wire.keys import QUARANTINE_KEY
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 APP = "tests.fetch_app:create_app()"
 
@@ -61,14 +59,6 @@ def burst_worker(url: str, log: Path, *queues: str) -> subprocess.CompletedProce
 
 def handled(log: Path) -> list[list[str]]:
     return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
-
-
-def wait_until(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("queues", [1, 2])
@@ -169,7 +159,8 @@ def test_corrupt_job_hashes_fail_once_with_the_reason_and_the_worker_goes_on(
         wait_until("the broken jobs to fail", lambda: failed() == len(CORRUPTIONS) and len(handled(log)) == 3, 30)
         assert flask(redis_url, log, "emit", "2", "--queues", "2").returncode == 0
         wait_until("jobs sent after them to run", lambda: len(handled(log)) == 5, 30)
-        time.sleep(1.5)  # a retry, if one were scheduled, would be due by now (the batch backoff starts at 1 s)
+        # A retry is put in a scheduled registry (or back in a queue) when the job fails: none is there.
+        assert [conn.zcard(f"rq:scheduled:{q}") + conn.llen(f"rq:queue:{q}") for q in ("signals", "second")] == [0, 0]
         assert worker.poll() is None, "the worker kept running"
         assert failed() == len(CORRUPTIONS)
         for value, (_, _, reason) in CORRUPTIONS.items():

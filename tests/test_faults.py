@@ -11,22 +11,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import redis
 
 from devtools.redis_process import RedisProcess, free_port
-from tests.conftest import ROOT, drain
+from tests.conftest import ROOT, drain, wait_until
 
 FAULT_APP = "tests.fault_app:create_app()"
-
-
-def wait_until(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def fault_env(url: str, log: Path, spool: Path, **extra: str) -> dict[str, str]:

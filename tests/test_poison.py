@@ -25,8 +25,8 @@ from rq import Queue
 
 from devtools.redis_process import RedisProcess
 from signal_queue import SignalQueue
-from tests.conftest import ROOT, drain
-from tests.test_faults import fault_env, wait_until
+from tests.conftest import ROOT, drain, wait_until
+from tests.test_faults import fault_env
 
 POISON_APP = "tests.poison_app:create_app()"
 #: A bound on the handler process's kill: its timeout, the worker's grace past it, and some slack.

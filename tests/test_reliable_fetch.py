@@ -23,7 +23,7 @@ import redis
 
 from devtools.redis_process import RedisProcess
 from devtools.redis_proxy import CutRule, RedisProxy
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 from tests.test_faults import stop
 
 APP = "tests.fetch_app:create_app()"
@@ -49,14 +49,6 @@ def taken_job(command: list[bytes], reply: Any) -> str | None:
         if isinstance(key, bytes) and key.startswith(b"rq:queue:") and isinstance(job_id, bytes):
             return job_id.decode()
     return None
-
-
-def wait_until(what: str, check: Any, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def worker_env(url: str, log: Path) -> dict[str, str]:

@@ -29,8 +29,8 @@ import redis
 
 from devtools.redis_process import RedisProcess, free_port
 from signal_queue.producer.ledger import Ledger
-from tests.conftest import ROOT
-from tests.test_faults import FAULT_APP, fault_env, handled, start_worker, stop, wait_until
+from tests.conftest import ROOT, wait_until
+from tests.test_faults import FAULT_APP, fault_env, handled, start_worker, stop
 
 K = 3  # events per request in tests/fault_app.py
 
