@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -134,10 +135,18 @@ def client(server: RedisProcess) -> Iterator[redis.Redis]:
     connection.close()
 
 
-def wait_until(what: str, check: Callable[[], object], timeout: float) -> None:
-    """Poll ``check`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
+def wait_until(
+    what: str, check: Callable[[], object], timeout: float, process: subprocess.Popen[Any] | None = None
+) -> float:
+    """Poll ``check`` until it is true; the seconds it took.
+
+    Fails naming ``what`` after ``timeout`` seconds, or at once if ``process`` exited meanwhile.
+    """
+    started = time.monotonic()
     while not check():
-        if time.monotonic() > deadline:
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the process exited (status {process.returncode}) while waiting for {what}")
+        if time.monotonic() - started > timeout:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.02)
+    return time.monotonic() - started

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from rq.serializers import JSONSerializer
 from devtools import import_graph
 from signal_queue import SignalQueue
 from signal_queue.wire.keys import RUN_EVENTS
-from tests.conftest import ROOT, queued_events, run_worker
+from tests.conftest import ROOT, queued_events, run_worker, wait_until
 from tests.misc_app import create_app, misc
 from tests.recording import records
 
@@ -25,15 +24,6 @@ PACKAGE = ROOT / "signal_queue"
 
 def sender_threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name == "signal_queue-sender" and t.is_alive()}
-
-
-def wait_until(condition: object, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 def test_no_import_cycle_and_no_import_against_the_layers() -> None:
@@ -101,7 +91,7 @@ def test_an_app_dropped_without_close_takes_its_sender_with_it(conn: redis.Redis
     [thread] = sender_threads() - before
     del app
     gc.collect()
-    assert wait_until(lambda: not thread.is_alive()), "the sender of a dropped app is still running"
+    wait_until("the sender of a dropped app to stop", lambda: not thread.is_alive(), 10)
 
 
 @pytest.mark.parametrize("function", [RUN_EVENTS, "signal_queue.jobs.run_event"])

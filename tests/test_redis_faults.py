@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,24 +25,11 @@ from rq import Worker
 
 from devtools.redis_process import RedisProcess
 from tests.conftest import drain
+from tests.conftest import wait_until as wait_for
 from tests.test_faults import fault_env, handled, start_worker, stop
 
 #: The line a worker writes when Redis takes writes again after it waited in its loop.
 RECOVERED = "takes writes again"
-
-
-def wait_for(
-    what: str, check: Callable[[], bool], timeout: float, worker: subprocess.Popen[bytes] | None = None
-) -> float:
-    """Poll ``check`` until it holds; the seconds it took. Fails at the deadline, or at once if ``worker`` exited."""
-    started = time.monotonic()
-    while not check():
-        if worker is not None and worker.poll() is not None:
-            raise AssertionError(f"the worker exited (status {worker.returncode}) while waiting for {what}")
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-    return time.monotonic() - started
 
 
 def worker_log(log: Path) -> str:

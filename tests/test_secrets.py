@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +23,7 @@ from flask import Flask
 from devtools.redis_process import find_redis_server
 from signal_queue import ConfigurationError
 from signal_queue.wire.redis_url import safe_url
-from tests.conftest import ROOT, drain
+from tests.conftest import ROOT, drain, wait_until
 from tests.misc_app import create_app
 from tests.recording import records
 from tests.redis_server import free_port
@@ -117,14 +117,6 @@ def worker_env(url: str) -> dict[str, str]:
     env.pop("FLASK_APP", None)
     env.pop("SIGNAL_QUEUE_APP", None)
     return env
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
-    """Poll ``condition()`` until true, or fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
-        time.sleep(0.05)
 
 
 # --- one function masks a URL's passwords ---------------------------------------------------------
@@ -268,7 +260,7 @@ def test_worker_takes_the_url_from_the_environment_and_keeps_it_off_the_command_
             cwd=ROOT, env=worker_env(secured.url()), stdout=sink, stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(lambda: [r["kwargs"]["value"] for r in records(secured.conn)] == ["from-env"], "the job ran")
+        wait_until("the job ran", lambda: [r["kwargs"]["value"] for r in records(secured.conn)] == ["from-env"], 30)
         pids = descendants(worker.pid)
         cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode() for pid in pids]
         assert any("worker.py" in c for c in cmdlines), cmdlines
@@ -331,7 +323,7 @@ def test_worker_waiting_for_redis_hides_the_password(tmp_path: Path, where: str)
             cwd=ROOT, env=worker_env(url), stdout=sink, stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(lambda: "waiting for Redis at" in output.read_text(), "the waiting line")
+        wait_until("the waiting line", lambda: "waiting for Redis at" in output.read_text(), 30)
     finally:
         worker.send_signal(signal.SIGKILL)
         worker.wait(timeout=30)
