@@ -216,3 +216,65 @@ def test_four_workers_handle_ten_thousand_events_exactly_once(tmp_path: Path, re
     assert len(rows) == 10_000
     assert set(by_n) == {str(n) for n in range(10_000)} and max(by_n.values()) == 1
     assert len({r[2] for r in rows}) == 10_000
+
+
+def test_sigterm_at_any_moment_of_a_job_stops_the_worker(tmp_path: Path) -> None:
+    """One SIGTERM, whenever it comes, stops the worker at the end of its job; nothing is lost or run twice.
+
+    RQ raises StopRequested from the signal handler when the worker's state is not busy, and
+    its ``perform_job`` takes any exception for the job's failure. A SIGTERM that came after
+    the success transaction had set the state to idle, while the job was still being
+    finished, was swallowed there: the worker carried on, and as it was stopping it handed
+    every later job back to the queue at once, taking it again, forever.
+    """
+    from tests.fault_app import create_app, fault
+
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    env = fault_env(server.url, log, tmp_path / "spool.sqlite3")
+    total, trials = 4000, 8
+    old = {k: os.environ.get(k) for k in ("SIGNAL_QUEUE_REDIS_URL", "SIGNAL_QUEUE_BATCH_SIZE")}
+    os.environ.update(SIGNAL_QUEUE_REDIS_URL=server.url, SIGNAL_QUEUE_BATCH_SIZE="1")  # one job per event
+    try:
+        app = create_app()
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        with app.test_request_context("/emit/0"):
+            for n in range(total):
+                fault.send("loop", n=n, k=0)
+        drain(app)
+        stopped_in = []
+        for _ in range(trials):
+            before = len(handled(log))
+            worker = start_worker(env)
+            try:
+                wait_until("the worker to be under way", lambda b=before: len(handled(log)) >= b + 30, 60, worker)
+                worker.send_signal(signal.SIGTERM)
+                asked = time.monotonic()
+                wait_until("the worker to stop after one SIGTERM", lambda w=worker: w.poll() is not None, 15)
+                stopped_in.append(time.monotonic() - asked)
+            finally:
+                if worker.poll() is None:
+                    worker.kill()
+                    worker.wait()
+            assert worker.returncode == 0, (Path(env["FAULT_LOG"] + ".worker").read_text()[-3000:])
+        done = subprocess.run([sys.executable, "worker.py", "--app", FAULT_APP, "--burst"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300)
+        assert done.returncode == 0
+        rows = handled(log)
+        by_n = collections.Counter(r[0] for r in rows)
+        print(f"\n{trials} SIGTERMs mid-stream: stopped in {min(stopped_in):.2f}-{max(stopped_in):.2f} s; "
+              f"{len(rows)} handled of {total}, most runs of one event {max(by_n.values())}")
+        assert len(rows) == total and set(by_n) == {str(n) for n in range(total)}
+        assert max(by_n.values()) == 1, "no event ran twice"
+        conn = redis.Redis.from_url(server.url)
+        assert conn.zcard("rq:failed:signals") == 0 and conn.llen("rq:queue:signals") == 0
+        assert not conn.exists("sq:quarantine"), "no job was set aside because a signal interrupted its reading"
+    finally:
+        server.kill()

@@ -778,6 +778,8 @@ class CompatQueue(Queue):
                 job = job_cls(job_id, connection=connection, serializer=serializer)
                 job.restore(dict(zip(flat[::2], flat[1::2], strict=True)))
                 return job, queue
+            except StopRequested:  # SIGTERM came during the restore: not the job's fault
+                raise
             except Exception as exc:
                 reason = f"its job hash cannot be read: {exc!r}"
         quarantine(connection, queue.intermediate_queue_key, TAKEN_KEY.format(queue.name), queue.name, entry, reason)
@@ -1000,6 +1002,8 @@ class CompatWorker(SimpleWorker):
     """
 
     heartbeat_ttl = 30
+    #: True while :meth:`perform_job` runs (see :meth:`_shutdown`).
+    _performing = False
 
     @property
     def taking(self) -> tuple[str, Queue] | None:
@@ -1023,9 +1027,11 @@ class CompatWorker(SimpleWorker):
         if self._heartbeats is None:
             self._heartbeats = _Heartbeats(self)
         self._heartbeats.watch(job, execution)
+        self._performing = True
         try:
             self.perform_job(job, queue, execution)
         finally:
+            self._performing = False
             self._started = None
             self._heartbeats.unwatch()
         self.taking = None
@@ -1084,6 +1090,23 @@ class CompatWorker(SimpleWorker):
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         # rq 3.0 BaseWorker.get_heartbeat_ttl: ours is renewed by the thread, not per job timeout.
         return self.heartbeat_ttl
+
+    def _shutdown(self) -> None:
+        # rq 3.0 BaseWorker._shutdown, run by the SIGTERM/SIGINT handler: a busy worker stops after
+        # its job; an idle one gets StopRequested raised wherever it is. RQ's success transaction
+        # sets the state to idle inside perform_job, whose bare except takes any exception for the
+        # job's failure: a StopRequested raised there was swallowed, and the worker ran on, stopping,
+        # handing every later job back to the queue (and a second signal's SystemExit likewise).
+        # Inside perform_job the stop waits for the job's end, as for a busy worker; and
+        # _stop_requested is set first, so that whatever else catches a StopRequested, the loop
+        # ends at its next turn.
+        self._stop_requested = True
+        if not self._performing:
+            super()._shutdown()  # type: ignore[no-untyped-call]
+            return
+        self.set_shutdown_requested_date()  # type: ignore[no-untyped-call]
+        if self.scheduler:
+            self.stop_scheduler()
 
     def handle_warm_shutdown_request(self) -> None:
         # rq 3.0 BaseWorker.request_stop calls this in the SIGTERM/SIGINT handler, before it
