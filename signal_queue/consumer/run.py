@@ -611,10 +611,10 @@ def _log_job(job: Job, attempt: int, skipped: int, items: Sequence[tuple[int, An
     """
     if not events_logger.isEnabledFor(logging.INFO):
         return
-    names: dict[tuple[Any, Any], int] = {}
+    names: dict[tuple[str, str], int] = {}
     for _, payload in items:
         data = payload if isinstance(payload, dict) else {}
-        key = (data.get("signal"), data.get("receiver"))
+        key = (str(data.get("signal")), str(data.get("receiver")))  # what Redis held: maybe not text
         names[key] = names.get(key, 0) + 1
     fields = {
         "job_id": job.id,
