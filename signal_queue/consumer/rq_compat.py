@@ -17,9 +17,10 @@ back to the front of its queue at the next registry clean-up once it has waited
 longer than ``SIGNAL_QUEUE_ABANDONED_AFTER`` (:class:`CompatIntermediateQueue`).
 An idle worker never pops with BLPOP, whose lost reply loses the job. With one
 queue it waits as RQ does, with a blocking move (``BLMOVE``), but into a hold
-list of its own, ``sq:hold:<queue>:<id>``, which its next take claims (a dead
-worker's hold list is emptied by the clean-up, as its intermediate entries
-are). With several queues, one thread per queue waits with ``BLMOVE queue queue
+list of its own, ``sq:hold:<queue>:<id>``, which its next take claims; that take
+is sent in the same write as the blocking move, so Redis runs it the moment the
+move returns (a dead worker's hold list is emptied by the clean-up, as its
+intermediate entries are). With several queues, one thread per queue waits with ``BLMOVE queue queue
 LEFT LEFT``, which wakes when the queue gets a job and leaves the list as it
 was, and the worker then takes in the queues' order.
 """
