@@ -11,14 +11,24 @@ after the last emit (a worker that keeps up finishes at once). The lag is
 split in two: the app's part (emit to its batch being in Redis: the sender's
 send returned, noted by a wrapper around ``Dispatcher.send``) and the rest
 (Redis to the handler's start: the worker's part). Nothing here asserts a speed.
+
+The receiver notes its lag with one append to a local file (``--report file``,
+the default), read at the end of each rate, so the benchmark measures
+signal_queue rather than itself; ``--report redis`` pushes each lag to a Redis
+list instead (one round trip per event, as earlier versions of this benchmark
+did, which about doubled a trivial event's work in the worker). The worker runs
+at its default log level (INFO) unless ``--logging-level`` says otherwise; its
+log goes to /dev/null.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +41,9 @@ from devtools.redis_process import RedisProcess  # noqa: E402
 server = RedisProcess()
 server.start()
 os.environ["SIGNAL_QUEUE_REDIS_URL"] = server.url
+LAG_FILE = Path(tempfile.mkdtemp(prefix="sq-lag-")) / "lags"
+if "--report" not in sys.argv or sys.argv[sys.argv.index("--report") + 1:][:1] != ["redis"]:
+    os.environ["SIGNAL_QUEUE_BENCH_LAG_FILE"] = str(LAG_FILE)
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 import redis  # noqa: E402
@@ -66,8 +79,27 @@ def note_sends() -> None:
     dispatcher.send = noted
 
 
+def reported(conn: redis.Redis) -> int:
+    """How many lags the receiver noted so far."""
+    if lag_app.LAG_FILE:
+        with open(lag_app.LAG_FILE, "rb") as f:
+            return f.read().count(b"\n")
+    return int(conn.llen(lag_app.LAGS))
+
+
+def lags_ms(conn: redis.Redis) -> list[float]:
+    if lag_app.LAG_FILE:
+        with open(lag_app.LAG_FILE, "rb") as f:
+            values = f.read().split()
+    else:
+        values = conn.lrange(lag_app.LAGS, 0, -1)
+    return sorted(float(x) * 1000 for x in values)
+
+
 def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]:
     conn.delete(lag_app.LAGS)
+    if lag_app.LAG_FILE:
+        open(lag_app.LAG_FILE, "wb").close()  # the handler appends (O_APPEND): truncating starts afresh
     SENT.clear()
     JOBS[0] = 0
     total = max(PER_REQUEST * 10, int(rate * seconds)) // PER_REQUEST * PER_REQUEST
@@ -84,12 +116,12 @@ def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]
                     lag_app.tick.send("bench", sent_at=time.time())
     emitted = time.perf_counter()
     deadline = time.monotonic() + 120
-    while conn.llen(lag_app.LAGS) < total:
+    while reported(conn) < total:
         if time.monotonic() > deadline:
-            raise SystemExit(f"at {rate}/s not every event ran: {conn.llen(lag_app.LAGS)} of {total}")
+            raise SystemExit(f"at {rate}/s not every event ran: {reported(conn)} of {total}")
         time.sleep(0.001)
     finished = time.perf_counter()
-    lags = sorted(float(x) * 1000 for x in conn.lrange(lag_app.LAGS, 0, -1))
+    lags = lags_ms(conn)
     app_part = sorted(x * 1000 for x in SENT.values())
     return {
         "events": total, "reached": total / (emitted - start), "p50": percentile(lags, 0.5),
@@ -103,10 +135,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rates", type=float, nargs="*", default=[10, 100, 1000, 5000, 10000])
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of emits per rate (at least 50 events)")
+    parser.add_argument("--logging-level", default="INFO", help="the worker's (its default: INFO)")
+    parser.add_argument("--report", choices=("file", "redis"), default="file",
+                        help="how the receiver notes its lag: an append to a local file, or an RPUSH to Redis")
     args = parser.parse_args()
     conn = redis.Redis.from_url(server.url)
     worker = subprocess.Popen(
-        [sys.executable, "worker.py", "--app", "benchmarks.lag_app:app", "--logging-level", "WARNING"],
+        [sys.executable, "worker.py", "--app", "benchmarks.lag_app:app", "--logging-level", args.logging_level],
         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     rows = []
@@ -124,12 +159,14 @@ def main() -> int:
         worker.terminate()
         worker.wait(timeout=30)
         server.stop()
+        shutil.rmtree(LAG_FILE.parent, ignore_errors=True)
     print(f"\n{'rate/s':>8} {'reached/s':>10} {'events':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
           f"{'drain after s':>14} {'app p50':>8} {'app p99':>8} {'events/job':>11}")
     for rate, r in rows:
         print(f"{rate:8.0f} {r['reached']:10.0f} {r['events']:7.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
               f"{r['max']:8.2f} {r['tail_s']:14.3f} {r['app_p50']:8.2f} {r['app_p99']:8.2f} {r['per_job']:11.1f}")
-    print(f"\none app process (this one), one worker; {PER_REQUEST} emits per request; "
+    print(f"\none app process (this one), one worker (--logging-level {args.logging_level}); lags noted "
+          f"by {'a local file' if lag_app.LAG_FILE else 'RPUSH to Redis'}; {PER_REQUEST} emits per request; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
     return 0
 

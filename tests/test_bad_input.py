@@ -23,7 +23,7 @@ from signal_queue import (
     deferred,
 )
 from signal_queue.testing import capture_events
-from signal_queue.wire.keys import RUN_EVENT
+from signal_queue.wire.keys import RUN_EVENT, RUN_EVENTS
 from tests.conftest import drain, run_worker
 from tests.misc_app import create_app, inline_calls, misc, on_misc
 from tests.recording import records
@@ -181,3 +181,19 @@ def test_decorator_returns_the_function_and_holds_the_forwarder_strongly() -> No
     gc.collect()
     names = [getattr(r, "__name__", "") for r in misc.receivers_for("anything")]
     assert "deferred:tests.misc_app:on_misc" in names
+
+
+def test_a_batch_with_an_event_whose_names_are_not_text_is_logged_and_the_rest_runs(
+    conn: redis.Redis, redis_url: str
+) -> None:
+    """An event whose signal is a list (Redis edited) is rejected; the batch's INFO line still names it."""
+    app = create_app()
+    good = valid_payload(app, "fine")
+    bad = dict(valid_payload(app, "odd"), signal=["not", "text"])
+    Queue("signals", connection=conn, serializer=JSONSerializer).enqueue_call(RUN_EVENTS, args=([good, bad], {}))
+    out = run_worker(APP, redis_url)
+    [line] = [line for line in out.stderr.splitlines() if "signal_queue.events INFO job_id=" in line] or [out.stderr]
+    assert " events=2 handled=1 failed=1 " in line
+    assert "receivers=misc->tests.misc_app:on_misc(1),['not', 'text']->tests.misc_app:on_misc(1)" in line
+    assert [r["kwargs"]["value"] for r in records(conn)] == ["fine"]
+    assert "event key 'signal' must be str" in failure(conn, bad["id"])

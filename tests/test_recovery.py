@@ -228,6 +228,22 @@ def test_emits_with_redis_up_touch_no_disk(tmp_path: Path, conn: redis.Redis) ->
     assert not spool.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_event_lines_at_debug(conn: redis.Redis, redis_url: str) -> None:
+    """--logging-level DEBUG: a line per handled event too, with its fields, next to the batch's line."""
+    app = create_app()
+    with app.app_context():
+        misc.send("x", value="a")
+        misc.send("x", value="b")
+    drain(app)
+    out = run_worker(APP, redis_url, "--logging-level", "DEBUG")
+    handled = [line for line in out.stderr.splitlines() if "signal_queue.events DEBUG event_id=" in line]
+    assert len(handled) == 2, out.stderr
+    for line in handled:
+        assert "signal=misc receiver=tests.misc_app:on_misc attempt=1 duration_ms=" in line
+        assert line.endswith("outcome=handled")
+    assert sum("signal_queue.events INFO job_id=" in line for line in out.stderr.splitlines()) == 1
+
+
 def test_metrics_logs_and_purge(tmp_path: Path, conn: redis.Redis, redis_url: str) -> None:
     """Counters in Prometheus text, one log line per event from the worker, purge with confirmation."""
     app = create_app()
@@ -237,11 +253,17 @@ def test_metrics_logs_and_purge(tmp_path: Path, conn: redis.Redis, redis_url: st
         fixable.send("x", order_id=1)
     drain(app)
     out = run_worker(APP, redis_url)
-    assert "signal_queue.events INFO event_id=" in out.stderr
-    assert "signal=misc receiver=tests.misc_app:on_misc attempt=1 duration_ms=" in out.stderr
-    assert "outcome=handled" in out.stderr
-    assert "receiver=tests.misc_app:on_fixable attempt=1" in out.stderr and "outcome=failed" in out.stderr
-    assert "error=RuntimeError: order 1: bug not fixed yet" in out.stderr
+    # At INFO (the default): one line per batch job, and one per failed event (WARNING); handled events
+    # have a line of their own at DEBUG only.
+    job_lines = [line for line in out.stderr.splitlines() if "signal_queue.events INFO job_id=" in line]
+    assert len(job_lines) == 1, out.stderr
+    assert " attempt=1 events=3 handled=2 failed=1 " in job_lines[0]
+    assert "receivers=misc->tests.misc_app:on_misc(2),fixable->tests.misc_app:on_fixable(1)" in job_lines[0]
+    assert "outcome=handled" not in out.stderr
+    [failed] = [line for line in out.stderr.splitlines() if "outcome=failed" in line]
+    assert "signal_queue.events WARNING event_id=" in failed
+    assert "receiver=tests.misc_app:on_fixable attempt=1" in failed
+    assert "error=RuntimeError: order 1: bug not fixed yet" in failed
 
     spool = tmp_path / "spool.sqlite3"
     metrics = flask_cli(redis_url, spool, "metrics").stdout

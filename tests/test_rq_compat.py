@@ -13,6 +13,8 @@ import pytest
 import redis
 import rq
 from rq import Queue
+from rq.executions import Execution
+from rq.job import JobStatus
 from rq.serializers import JSONSerializer
 
 from signal_queue import SignalQueue
@@ -182,3 +184,47 @@ def test_release_puts_back_what_a_stopping_worker_holds(conn: redis.Redis) -> No
     assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [taken, held, queued]
     assert conn.llen(queue.intermediate_queue_key) == 0 and conn.zcard("sq:taken:signals") == 0
     assert conn.llen(f"sq:hold:signals:{CompatQueue.taker()}") == 0
+
+
+def test_a_wait_on_one_queue_brings_back_the_take_that_follows_it(conn: redis.Redis) -> None:
+    """The blocking move and the take go in one write: the wait answers with the take's reply, so a job
+    arriving at an idle worker costs it one round trip; without the script in Redis, the next take claims it."""
+    first = enqueue(conn, "signals", "a")
+    [queue] = queues_of(conn, "signals")
+    hold = f"sq:hold:signals:{CompatQueue.taker()}"
+    reply = CompatQueue._wait(conn, [queue], 1, hold=True)
+    assert reply is not None and reply[1] == first.encode() and reply[2] == b"hash"
+    assert conn.lrange(queue.intermediate_queue_key, 0, -1) == [first.encode()]
+    assert conn.llen(hold) == 0 and conn.zscore("sq:taken:signals", first) is not None
+    conn.lrem(queue.intermediate_queue_key, 1, first)
+    conn.zrem("sq:taken:signals", first)
+    second = enqueue(conn, "signals", "b")
+    conn.script_flush()  # a restarted Redis, SCRIPT FLUSH: the take's EVALSHA fails
+    assert CompatQueue._wait(conn, [queue], 1, hold=True) is None
+    assert conn.lrange(hold, 0, -1) == [second.encode()]
+    got = CompatQueue.dequeue_any([queue], 1, connection=conn, job_class=SignalJob, serializer=JSONSerializer)
+    assert got is not None and got[0].id == second and conn.llen(hold) == 0
+
+
+def test_deleting_a_finished_job_reads_its_status_and_executions_once(conn: redis.Redis) -> None:
+    """RQ's delete of a job whose result is not kept read its execution registry three times and each
+    execution twice (a round trip each); CompatJob's reads them once, and deletes the same keys."""
+    enqueue(conn, "signals", "a")
+    [queue] = queues_of(conn, "signals")
+    got = CompatQueue.dequeue_any([queue], None, connection=conn, job_class=SignalJob, serializer=JSONSerializer)
+    assert got is not None
+    job = got[0]
+    with conn.pipeline() as pipe:
+        execution = Execution.create(job, 60, pipeline=pipe, worker_name="w")
+        job.set_status(JobStatus.STARTED, pipeline=pipe)
+        pipe.execute()
+    assert conn.zcard(queue.started_job_registry.key) == 1
+    conn.config_resetstat()
+    with conn.pipeline() as pipe:
+        job.delete(pipeline=pipe, remove_from_queue=False)
+        pipe.execute()
+    stats = conn.info("commandstats")
+    reads = {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in ("zrange", "hgetall", "hget")}
+    assert reads == {"zrange": 1, "hgetall": 1, "hget": 1}
+    assert not conn.exists(job.key, execution.key, f"rq:executions:{job.id}")
+    assert conn.zcard(queue.started_job_registry.key) == 0

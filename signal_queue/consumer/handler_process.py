@@ -112,7 +112,7 @@ class HandlerProcess:
         # set, it tells the child to finish the running event and start no other.
         self._stop = mmap.mmap(-1, 1)
         self._stop_at: float | None = None
-        self._timeouts: dict[tuple[Any, Any], int] = {}
+        self._timeouts: dict[tuple[str, str], int] = {}
 
     def start(self) -> None:
         """Fork the handler process, if none runs, from this already loaded worker."""
@@ -271,7 +271,7 @@ class HandlerProcess:
     def _timeout_of(self, payload: Any) -> int:
         # Looked up once per receiver: this runs for every event the worker runs.
         data = payload if isinstance(payload, dict) else {}
-        key = (data.get("receiver"), data.get("signal"))
+        key = (str(data.get("receiver")), str(data.get("signal")))  # as receiver_of reads them: maybe not text
         timeout = self._timeouts.get(key)
         if timeout is None:
             timeout = self._timeouts[key] = self.consumer.timeout_of(receiver_of(payload))

@@ -17,9 +17,10 @@ back to the front of its queue at the next registry clean-up once it has waited
 longer than ``SIGNAL_QUEUE_ABANDONED_AFTER`` (:class:`CompatIntermediateQueue`).
 An idle worker never pops with BLPOP, whose lost reply loses the job. With one
 queue it waits as RQ does, with a blocking move (``BLMOVE``), but into a hold
-list of its own, ``sq:hold:<queue>:<id>``, which its next take claims (a dead
-worker's hold list is emptied by the clean-up, as its intermediate entries
-are). With several queues, one thread per queue waits with ``BLMOVE queue queue
+list of its own, ``sq:hold:<queue>:<id>``, which its next take claims; that take
+is sent in the same write as the blocking move, so Redis runs it the moment the
+move returns (a dead worker's hold list is emptied by the clean-up, as its
+intermediate entries are). With several queues, one thread per queue waits with ``BLMOVE queue queue
 LEFT LEFT``, which wakes when the queue gets a job and leaves the list as it
 was, and the worker then takes in the queues' order.
 """
@@ -46,13 +47,13 @@ import rq
 from rq import Queue, SimpleWorker
 from rq.defaults import DEFAULT_LOGGING_DATE_FORMAT, DEFAULT_LOGGING_FORMAT
 from rq.exceptions import DequeueTimeout, DeserializationError, InvalidJobOperation, StopRequested
-from rq.executions import Execution
+from rq.executions import Execution, ExecutionRegistry
 from rq.intermediate_queue import IntermediateQueue
-from rq.job import JOB_ID_PATTERN, Job
+from rq.job import JOB_ID_PATTERN, Job, JobStatus
 from rq.results import Result
 from rq.scheduler import RQScheduler
 from rq.timeouts import JobTimeoutException, UnixSignalDeathPenalty
-from rq.utils import as_text, now, str_to_date
+from rq.utils import as_text, current_timestamp, now, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
@@ -116,6 +117,15 @@ MIRRORED = {
     "rq.executions.Execution.create": "b167074a0d209e85",  # started registry entries "<job id>:<execution id>"
     "rq.results.Result.create_failure": "f5b597594c3dcad3",
     "rq.executions.ExecutionRegistry.get_executions": "f0b4dd0be021900e",  # raises for a gone execution
+    # CompatJob.delete reads the status and the executions once and answers RQ's reads of them from that
+    "rq.job.Job.execution_registry.fget": "f427c9420013ffb5",
+    "rq.executions.ExecutionRegistry.get_execution_ids": "852bff955f502a08",
+    "rq.executions.Execution.fetch": "28f0de56df645f6c",
+    "rq.executions.Execution.refresh": "e3f742f42afe46b3",
+    "rq.executions.Execution.restore": "14ec03f8cd6885c4",
+    "rq.registry.StartedJobRegistry.remove_executions": "2414e6949e84c032",
+    "rq.executions.ExecutionRegistry.delete": "dda35779303b2d0c",
+    "rq.executions.ExecutionRegistry.cleanup": "8d3debb01fc55a89",
     "rq.executions.Execution.key.fget": "7b80e9ed12a68e2c",  # rq:execution:<job id>:<id>
     # FaultAwareWorker: the loop ends quietly on StopRequested (RedisFault is one); the dequeue
     # loop retries connection errors itself, a line per try (dequeue_job_and_maintain_ttl, above);
@@ -221,8 +231,11 @@ class CompatJob(Job):
     def starting(self, pipeline: Any) -> None:
         """Add to the pipeline that marks the job started (it costs no round trip)."""
 
-    def forget_gone_executions(self) -> None:
-        """Take the executions whose hash is gone out of the job's execution registry.
+    #: While :meth:`delete` runs: the job's stored status and its executions, read once (see there).
+    _known: tuple[bytes | None, list[Execution]] | None = None
+
+    def forget_gone_executions(self) -> list[Execution]:
+        """Take the executions whose hash is gone out of the job's execution registry; the others.
 
         rq 3.0 ``ExecutionRegistry.get_executions`` raises ValueError for an execution id whose
         hash is gone: that of a worker killed mid-job, whose execution was cleaned up since.
@@ -230,17 +243,55 @@ class CompatJob(Job):
         ``ExecutionRegistry.delete``), so a job run again after its worker was killed, whose
         result is not kept (deleted at its end), failed after it ran.
         """
-        registry = self.execution_registry
-        ids = registry.get_execution_ids()
+        return self._read_for_delete()[1]
+
+    def _read_for_delete(self) -> tuple[bytes | None, list[Execution]]:
+        """The job's stored status and its executions whose hash exists, in two round trips at most.
+
+        As rq 3.0 ``ExecutionRegistry.get_execution_ids`` (its clean-up of expired entries, then
+        the ids) and ``Execution.fetch`` (each hash, restored) read them; the ids whose hash is
+        gone are taken out of the registry.
+        """
+        registry = ExecutionRegistry(self.id, connection=self.connection)
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hget(self.key, "status")
+            pipe.zremrangebyscore(registry.key, 0, current_timestamp())
+            pipe.zrange(registry.key, 0, -1)
+            status, _, raw_ids = pipe.execute()
+        ids = [as_text(i) for i in raw_ids]
         if not ids:
-            return
+            return status, []
         with self.connection.pipeline(transaction=False) as pipe:
             for execution_id in ids:
-                pipe.exists(Execution(execution_id, self.id, connection=self.connection).key)
-            there = pipe.execute()
-        gone = [execution_id for execution_id, found in zip(ids, there, strict=True) if not found]
+                pipe.hgetall(Execution(execution_id, self.id, connection=self.connection).key)
+            hashes = pipe.execute()
+        executions, gone = [], []
+        for execution_id, data in zip(ids, hashes, strict=True):
+            if not data:
+                gone.append(execution_id)
+                continue
+            execution = Execution(execution_id, self.id, connection=self.connection)
+            execution.restore(data)
+            executions.append(execution)
         if gone:
             self.connection.zrem(registry.key, *gone)
+        return status, executions
+
+    @property
+    def execution_registry(self) -> ExecutionRegistry:
+        # rq 3.0 Job.execution_registry; while delete runs, one that answers from what it read.
+        if self._known is not None:
+            return _KnownExecutions(self.id, self.connection, self._known[1])
+        return ExecutionRegistry(self.id, connection=self.connection)
+
+    def _fetch_status(self) -> Any:
+        # rq 3.0 Job._fetch_status (HGET status): while delete runs, the status it read.
+        if self._known is None:
+            return super()._fetch_status()
+        status = self._known[0]
+        if not status:
+            raise InvalidJobOperation(f"Failed to retrieve status for job: {self.id}")
+        return JobStatus(as_text(status))
 
     def delete(self, pipeline: Any = None, remove_from_queue: bool = True, delete_dependents: bool = False) -> None:
         # rq 3.0 Job.delete first reads the job's stored status (_remove_from_registries calls
@@ -250,16 +301,36 @@ class CompatJob(Job):
         # purge) would fail there after it ran, and RQ's retry would run it again. The heartbeat
         # may have written a new hash meanwhile, with only `last_heartbeat`. A job without a
         # status is in no registry by status: what is left of it is deleted, as RQ's delete does.
-        self.forget_gone_executions()
+        # RQ reads the status and the executions (each registry read two round trips, each
+        # execution one) three times over; here they are read once, before, and answered from.
+        self._known = self._read_for_delete()
         try:
-            super().delete(pipeline, remove_from_queue, delete_dependents)
-        except InvalidJobOperation:
-            if self.connection.hexists(self.key, "status"):
-                raise
-            connection = pipeline if pipeline is not None else self.connection
-            self.execution_registry.delete(job=self, pipeline=connection)  # type: ignore[arg-type]
-            result_key = Result.get_key(self.id)  # type: ignore[no-untyped-call]
-            connection.delete(self.key, self.dependents_key, self.dependencies_key, result_key)
+            try:
+                super().delete(pipeline, remove_from_queue, delete_dependents)
+            except InvalidJobOperation:
+                if self._known[0] is not None:
+                    raise
+                connection = pipeline if pipeline is not None else self.connection
+                self.execution_registry.delete(job=self, pipeline=connection)  # type: ignore[arg-type]
+                result_key = Result.get_key(self.id)  # type: ignore[no-untyped-call]
+                connection.delete(self.key, self.dependents_key, self.dependencies_key, result_key)
+        finally:
+            self._known = None
+
+
+class _KnownExecutions(ExecutionRegistry):
+    """A job's execution registry that answers reads from what :meth:`CompatJob.delete` read
+    (rq 3.0 ``ExecutionRegistry.get_execution_ids`` and ``get_executions``); writes go to Redis."""
+
+    def __init__(self, job_id: str, connection: Any, executions: list[Execution]) -> None:
+        super().__init__(job_id, connection)
+        self._executions = executions
+
+    def get_execution_ids(self, start: int = 0, end: int = -1) -> list[str]:
+        return [e.id for e in self._executions]
+
+    def get_executions(self, start: int = 0, end: int = -1) -> list[Execution]:
+        return list(self._executions)
 
 
 class RedisFault(StopRequested):
@@ -478,9 +549,13 @@ class _Script:
 # hash is missing, or of another type, is quarantined by the caller, not dropped.
 # KEYS: this process's taker record, the holders set of the first queue, then per queue in
 # order: the queue, its intermediate list, its taken set, this process's hold list of it.
-# ARGV: now (Unix seconds), seconds the record lives, the job key prefix, this taker's id if
-# it will block on the first queue when there is nothing to take (else '').
+# ARGV: (unused: was the client's clock), seconds the record lives, the job key prefix, this
+# taker's id if it will block on the first queue when there is nothing to take (else '').
+# The time of a take is Redis's clock (TIME), as the clean-up reads it (recover_taken): a take
+# sent behind a blocking wait, in the same write, runs when the wait ends.
 _TAKE = _Script(r"""
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
 local function answer(queue, id)
   local key = ARGV[3] .. id
   local kind = redis.call('TYPE', key).ok
@@ -488,7 +563,7 @@ local function answer(queue, id)
   return {queue, id, kind, {}}
 end
 local function claim(i, id)
-  redis.call('ZADD', KEYS[i + 2], ARGV[1], id)
+  redis.call('ZADD', KEYS[i + 2], now, id)
   redis.call('SET', KEYS[1], KEYS[i] .. '\n' .. id, 'EX', ARGV[2])
   return answer(KEYS[i], id)
 end
@@ -516,7 +591,7 @@ for i = 3, #KEYS, 4 do
   local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
   if id then return claim(i, id) end
 end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], ARGV[1], ARGV[4]) end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[2], now, ARGV[4]) end
 return false
 """)
 
@@ -705,9 +780,12 @@ class CompatQueue(Queue):
         # into the intermediate list, so a job arriving costs no more round trips than RQ's.
         hold = len(queues) == 1 and timeout is not None
         deadline = None if timeout is None else time.monotonic() + timeout
+        waited: list[Any] | None = None
         while True:
             try:
-                reply = cls._take(connection, queues, hold)
+                # After a wait, its take came back with it (see _wait).
+                reply = waited if waited is not None else cls._take(connection, queues, hold)
+                waited = None
                 result = None if reply is None else cls._job_of(reply, connection, job_class, serializer,
                                                                 death_penalty_class)
                 if result is not None:
@@ -720,7 +798,7 @@ class CompatQueue(Queue):
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise DequeueTimeout(timeout, keys)
-                cls._wait(connection, queues, left, hold)
+                waited = cls._wait(connection, queues, left, hold)
             except DequeueTimeout:
                 raise
             except redis.RedisError as exc:
@@ -735,13 +813,18 @@ class CompatQueue(Queue):
                 raise
 
     @classmethod
-    def _take(cls, connection: redis.Redis, queues: Sequence[Queue], hold: bool) -> list[Any] | None:
+    def _take_call(cls, queues: Sequence[Queue], hold: bool) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of a take (:data:`_TAKE`) from ``queues``."""
         taker = cls.taker()
         keys: list[str] = [TAKER_KEY.format(taker), HOLDERS_KEY.format(queues[0].name)]
         for q in queues:
             keys += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker)]
-        args = [f"{time.time():.6f}", max(int(cls.abandoned_after), 1), Job.redis_job_namespace_prefix,
-                taker if hold else ""]
+        args = ["", max(int(cls.abandoned_after), 1), Job.redis_job_namespace_prefix, taker if hold else ""]
+        return keys, args
+
+    @classmethod
+    def _take(cls, connection: redis.Redis, queues: Sequence[Queue], hold: bool) -> list[Any] | None:
+        keys, args = cls._take_call(queues, hold)
         try:
             reply = _TAKE(connection, keys, args)
         except (redis.ConnectionError, redis.TimeoutError):
@@ -786,23 +869,38 @@ class CompatQueue(Queue):
         return None
 
     @classmethod
-    def _wait(cls, connection: redis.Redis, queues: Sequence[Queue], seconds: float, hold: bool) -> None:
-        """Wait until a queue may have a job, or ``seconds`` passed.
+    def _wait(
+        cls, connection: redis.Redis, queues: Sequence[Queue], seconds: float, hold: bool
+    ) -> list[Any] | None:
+        """Wait until a queue may have a job, or ``seconds`` passed; the reply of the take that
+        followed, if one was sent with the wait (None: take now).
 
         One queue: a blocking move of its first job into this process's hold list,
         which the next take claims (and so would a take after a lost reply); a
-        dead taker's hold list is emptied by the clean-up. Several: watcher threads
-        (:class:`_QueueWatch`), and nothing is taken.
+        dead taker's hold list is emptied by the clean-up. That take goes in the
+        same write as the move (a pipeline, no transaction): Redis runs it the
+        moment the move returns, so a job arriving costs the worker one round trip,
+        not two. Several queues: watcher threads (:class:`_QueueWatch`), and nothing
+        is taken.
         """
         seconds = max(seconds, 0.01)
         if hold:
             [queue] = queues
-            # A lost reply is no loss here: the next take claims what the move held. That take
-            # meets the error itself if Redis is down (and RQ's loop backs off).
-            with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
-                connection.blmove(queue.key, HOLD_KEY.format(queue.name, cls.taker()),
-                                  seconds, "LEFT", "RIGHT")  # type: ignore[arg-type]
-            return
+            take_keys, args = cls._take_call(queues, hold)
+            # A lost reply is no loss here: the next take claims what the move held, and a take
+            # whose reply was lost hands the same job over again. That take meets the error
+            # itself if Redis is down (and RQ's loop backs off).
+            try:
+                with connection.pipeline(transaction=False) as pipe:
+                    pipe.blmove(queue.key, HOLD_KEY.format(queue.name, cls.taker()),
+                                seconds, "LEFT", "RIGHT")  # type: ignore[arg-type]
+                    pipe.evalsha(_TAKE.sha, len(take_keys), *take_keys, *args)
+                    _, reply = pipe.execute(raise_on_error=False)
+            except (redis.ConnectionError, redis.TimeoutError):
+                return None
+            if isinstance(reply, Exception):  # the script unknown (a restart, SCRIPT FLUSH): take again
+                return None
+            return cast("list[Any] | None", reply) or None
         keys = frozenset(q.key for q in queues)
         watch = CompatQueue._watch
         if watch is None or watch.connection is not connection or watch.keys != keys:
@@ -810,6 +908,7 @@ class CompatQueue(Queue):
                 watch.close()
             watch = CompatQueue._watch = _QueueWatch(connection, keys)
         watch.wait(seconds)
+        return None
 
     @classmethod
     def release(cls, connection: redis.Redis, queues: Sequence[Queue]) -> int:
@@ -847,7 +946,8 @@ def recover_taken(queue: Queue, abandoned_after: float) -> list[str]:
     those in its intermediate list and those in hold lists; quarantine those without a job hash."""
     connection = queue.connection
     taken_key, holders_key = TAKEN_KEY.format(queue.name), HOLDERS_KEY.format(queue.name)
-    now = time.time()
+    seconds, micros = connection.time()
+    now = seconds + micros / 1e6  # Redis's clock, as the take notes its time
     where: dict[bytes, str] = {}
     for entry in cast(list[bytes], connection.lrange(queue.intermediate_queue_key, 0, -1)):
         where[entry] = queue.intermediate_queue_key

@@ -364,13 +364,17 @@ def run_events(payloads: Any, requests: Any = None) -> None:
     attempt = _attempt(job)
     marks = _DoneMarks(job, attempt)
     items = [(index, payload) for index, payload in enumerate(payloads) if index not in marks.done]
+    tally = _Tally(time.perf_counter())
 
     def settle(outcome: Outcome) -> None:
         payload = payloads[outcome.index]
-        _log_event(payload, attempt, outcome)
+        # A handled event's line is at DEBUG (the job's line, at INFO, counts it); a failure's at WARNING.
+        _log_event(payload, attempt, outcome, logging.DEBUG)
         if outcome.kind == HANDLED:
+            tally.handled += 1
             marks.add(outcome.index)
         else:
+            tally.failed += 1
             assert outcome.failure is not None
             marks.note(outcome.index, handled=False)
             record_failed_event(
@@ -382,10 +386,22 @@ def run_events(payloads: Any, requests: Any = None) -> None:
         left = _runner.run(consumer, attempt, items, requests, settle)
         if left is not None:
             hand_back(consumer, job, attempt, left, requests, marks)
+            tally.handed_back = len(left.items)
     except BaseException:
         marks.save_once()  # what finished is not run again by a rerun, if Redis takes it
         raise
     marks.flush()
+    _log_job(job, attempt, len(payloads) - len(items), items, tally)
+
+
+@dataclass
+class _Tally:
+    """What became of a batch job's events, for its log line."""
+
+    started: float
+    handled: int = 0
+    failed: int = 0
+    handed_back: int = 0
 
 
 def receiver_of(payload: Any) -> DeferredReceiver | None:
@@ -549,14 +565,17 @@ def _run_coroutine(coro: Coroutine[Any, Any, Any]) -> Any:
 events_logger = logging.getLogger("signal_queue.events")
 
 
-def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
+def _log_event(payload: Any, attempt: int, outcome: Outcome, handled_level: int = logging.INFO) -> None:
     """One structured line per event run: id, signal, receiver, attempt, duration, outcome.
 
-    The record is made here and handed to the logger's handlers as ``Logger.info``
-    would, without its look up the stack for the caller (this function, always):
-    a worker writes one per event.
+    At ``handled_level`` when the event was handled (INFO for a single-event job,
+    DEBUG for a batch's events, which the batch's own INFO line counts), at WARNING
+    when it failed or was rejected. The record is made here and handed to the
+    logger's handlers as ``Logger.log`` would, without its look up the stack for the
+    caller (this function, always).
     """
-    if not events_logger.isEnabledFor(logging.INFO):
+    level = handled_level if outcome.kind == HANDLED else logging.WARNING
+    if not events_logger.isEnabledFor(level):
         return
     data = payload if isinstance(payload, dict) else {}
     fields = {
@@ -575,13 +594,49 @@ def _log_event(payload: Any, attempt: int, outcome: Outcome) -> None:
         fields["error"] = outcome.failure.summary
         message += f" error={fields['error']}"
     events_logger.handle(events_logger.makeRecord(
-        events_logger.name, logging.INFO, __file__, _LOG_LINE, message, (), None, "_log_event",
+        events_logger.name, level, __file__, _LOG_LINE, message, (), None, "_log_event",
         {"signal_queue": fields},
     ))
 
 
 #: The line _log_event's records name (Logger.info would find it on the stack).
 _LOG_LINE = _log_event.__code__.co_firstlineno
+
+
+def _log_job(job: Job, attempt: int, skipped: int, items: Sequence[tuple[int, Any]], tally: _Tally) -> None:
+    """One structured INFO line per batch job: its id, queue, attempt, what became of its events, and
+    the receivers that ran them (``signal->receiver(count)``), in the ``signal_queue`` record attribute too.
+
+    ``skipped`` events were done by an earlier run of the job (its done marks).
+    """
+    if not events_logger.isEnabledFor(logging.INFO):
+        return
+    names: dict[tuple[str, str], int] = {}
+    for _, payload in items:
+        data = payload if isinstance(payload, dict) else {}
+        key = (str(data.get("signal")), str(data.get("receiver")))  # what Redis held: maybe not text
+        names[key] = names.get(key, 0) + 1
+    fields = {
+        "job_id": job.id,
+        "queue": job.origin,
+        "attempt": attempt,
+        "events": len(items),
+        "handled": tally.handled,
+        "failed": tally.failed,
+        "handed_back": tally.handed_back,
+        "skipped": skipped,
+        "duration_ms": round((time.perf_counter() - tally.started) * 1000, 3),
+        "receivers": ",".join(f"{signal}->{receiver}({count})" for (signal, receiver), count in names.items()),
+    }
+    message = " ".join(f"{key}={value}" for key, value in fields.items()
+                       if value or key in ("events", "handled", "failed"))
+    events_logger.handle(events_logger.makeRecord(
+        events_logger.name, logging.INFO, __file__, _JOB_LOG_LINE, message, (), None, "_log_job",
+        {"signal_queue": fields},
+    ))
+
+
+_JOB_LOG_LINE = _log_job.__code__.co_firstlineno
 
 
 def wall_times(outcome: Outcome) -> tuple[dt.datetime, dt.datetime]:

@@ -414,7 +414,8 @@ def load_app(import_path: str | None) -> Flask:
 
 
 def log_to_stderr(level: str) -> None:
-    """signal_queue's own log lines (one per event, outages) next to RQ's, unless the app set up logging."""
+    """signal_queue's own log lines (one per batch job at INFO, one per event at DEBUG, outages) next to RQ's,
+    unless the app set up logging."""
     root = logging.getLogger("signal_queue")
     if not root.handlers:
         handler = logging.StreamHandler()
