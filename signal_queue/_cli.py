@@ -330,7 +330,7 @@ def failed_command(receiver: str | None, as_json: bool) -> None:
     """Failed events (RQ's failed registry): signal, receiver, request path, user, request id, error."""
 
     state = state_for(current_app)
-    rows = failed_events(state.connection, state.queue_names(), receiver=receiver)
+    rows = failed_events(state.connection, state.queue_names(), state.codec, receiver=receiver)
     # Entries that are not jobs have no receiver: listed unless the listing is for one.
     stray = [] if receiver else quarantined_entries(state.connection, state.queue_names())
     if as_json:

@@ -180,6 +180,30 @@ def test_failed_events_of_a_batch_show_when_and_which_request_in_rq_dashboard(
         assert None not in (rq_job.enqueued_at, rq_job.started_at, rq_job.ended_at)
 
 
+def test_cli_failed_listing_shows_the_path_without_its_secrets(redis_url: str) -> None:
+    """`flask signal-queue failed` (text and JSON) shows each failed event's path as its job
+    description does: secret-named path arguments and query parameters as [REDACTED]."""
+    app = create_app()
+    client = app.test_client()
+    client.post("/login?next=/&access_token=s3cr3t-query", headers={"Authorization": "Bearer s3cr3t-header"})
+    client.get("/reset/s3cr3t-path")
+    drain(app)
+    run_worker(APP, redis_url)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SIGNAL_QUEUE_REDIS_URL=redis_url)
+    outputs = {}
+    for form in ((), ("--json",)):
+        out = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", APP, "signal-queue", "failed", *form],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        outputs[form] = out.stdout + out.stderr
+    rows = json.loads(outputs[("--json",)])
+    assert sorted(r["path"] for r in rows) == ["/login?next=/&access_token=[REDACTED]", "/reset/[REDACTED]"]
+    assert "path=/reset/[REDACTED] " in outputs[()]
+    assert not any(s in text for s in SECRETS for text in outputs.values())
+
+
 def test_event_failing_its_last_retry_shows_its_attempt_in_rq_dashboard(
     conn: redis.Redis, redis_url: str, tmp_path: Path
 ) -> None:

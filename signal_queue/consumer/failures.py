@@ -11,8 +11,10 @@ from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from ..wire.codec import Codec
 from ..wire.keys import RUN_EVENT, RUN_EVENTS
 from .job import SignalJob, worker_settings
+from .labels import shown_target
 from .quarantine import quarantined
 from .run import Consumer
 
@@ -57,9 +59,13 @@ def iter_failed(
 
 
 def failed_events(
-    connection: redis.Redis, queue_names: Iterable[str], receiver: str | None = None
+    connection: redis.Redis, queue_names: Iterable[str], codec: Codec, receiver: str | None = None
 ) -> list[dict[str, Any]]:
-    """One row per failed job: its event's signal, receiver, request path, user, request id and error."""
+    """One row per failed job: its event's signal, receiver, request path, user, request id and error.
+
+    The path is shown as a job description shows it: secret-named path arguments and query
+    parameters (``codec``'s redaction) as ``[REDACTED]``.
+    """
     rows: list[dict[str, Any]] = []
     for queue, job in iter_failed(connection, queue_names, receiver=receiver):
         result = job.latest_result()
@@ -79,7 +85,7 @@ def failed_events(
                 "events": 1 if job.func_name == RUN_EVENT else len(receivers_of(job)),
                 "signal": event.get("signal"),
                 "receiver": event.get("receiver") or ", ".join(sorted(receivers_of(job) - {""})) or None,
-                "path": request.get("path"),
+                "path": shown_target(request, codec) if "path" in request else None,
                 "user": request.get("user"),
                 "request_id": request.get("request_id"),
                 "emitted_at": event.get("emitted_at"),

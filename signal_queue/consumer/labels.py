@@ -50,13 +50,20 @@ def describe_event(payload: Any, codec: Codec) -> str:
         return head
     method = request.get("method")
     method = method if isinstance(method, str) and _METHOD.fullmatch(method) else "?"
-    target = _path(request.get("path"), request.get("view_args"), codec)
-    query = _query(request.get("query_string"), codec)
+    target = shown_target(request, codec)
     who = [f"user {_text(request['user'], 40)}"] if request.get("user") is not None else []
     who.append(f"request {_text(request.get('request_id'), 64)}")
     tail = f" ({', '.join(who)})"
     room = MAX_DESCRIPTION - len(head) - len(tail) - 2  # at least 110: every part above is clipped
-    return f"{head}: {_clip(f'{method} {target}' + (f'?{query}' if query else ''), room)}{tail}"
+    return f"{head}: {_clip(f'{method} {target}', room)}{tail}"
+
+
+def shown_target(request: Mapping[str, Any], codec: Codec) -> str:
+    """A request snapshot's path and query as they may be shown (a job description, the CLI):
+    percent-encoded, secret-named path arguments and query parameters as ``[REDACTED]``, clipped."""
+    target = _path(request.get("path"), request.get("view_args"), codec)
+    query = _query(request.get("query_string"), codec)
+    return f"{target}?{query}" if query else target
 
 
 def event_meta(payload: Any, attempt: int) -> dict[str, Any]:
