@@ -4,10 +4,13 @@ Delivery modes (``SIGNAL_QUEUE_DELIVERY``):
 
 ``background`` (default)
     The request thread appends the event to an in-memory queue; a sender
-    thread sends whatever has gathered as batched RQ jobs in one pipeline: at
-    once if it has not sent for ``SIGNAL_QUEUE_LINGER`` seconds, else that long
-    after its previous send ended (events gather meanwhile). The request never
-    waits for Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
+    thread sends whatever has gathered as batched RQ jobs in one pipeline. While
+    the workers keep up (the last send found no job waiting in its queue), that
+    is group commit: at once when the sender is idle, else as soon as the
+    previous send is back. While jobs wait for a worker (and for a second after),
+    or after a failed send, a send begins ``SIGNAL_QUEUE_LINGER`` seconds after
+    the previous one ended, so that events gather into larger jobs. The request
+    never waits for Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
 ``after_response``
     Events are held on the request and sent in one pipeline when the
     response is closed (after the body went out), on the request's thread.
