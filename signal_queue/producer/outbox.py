@@ -72,11 +72,8 @@ class Outbox:
         self._closed = False
         self._idle = False
         self._sent_at = 0.0  # time.monotonic() when the sender thread's last send ended
-        # Whether the workers were behind at the last send (jobs waiting in its queue before it
-        # pushed its own), or it failed: the next send then waits LINGER. The first events of a
-        # process gather for LINGER too, as if such a send had just ended.
-        # Until when the next send waits LINGER after the previous one: while the workers are
-        # behind (see _step), and for the first events of a process (see _run).
+        # Until when a send waits LINGER after the previous one: BEHIND_HOLD after the last send that
+        # found jobs waiting for a worker or failed (see _step), and for a new process's first events (_run).
         self._behind_until = 0.0
         _outboxes.add(self)
         # No sender thread yet, even if a previous process left spooled batches: a
