@@ -82,8 +82,8 @@ class SignalQueue:
         - ``SIGNAL_QUEUE_MAX_RESPONSE_BODY``: largest response body carried to the worker.
         - ``SIGNAL_QUEUE_DELIVERY``: ``background``, ``after_response`` or ``immediate``.
         - ``SIGNAL_QUEUE_BATCH_SIZE``: most events in one RQ job.
-        - ``SIGNAL_QUEUE_LINGER``: least seconds between two background sends (an event that finds
-          the sender idle that long goes at once).
+        - ``SIGNAL_QUEUE_LINGER``: least seconds between two background sends while jobs wait for a
+          worker; while the workers keep up, the sender sends as soon as it can (group commit).
         - ``SIGNAL_QUEUE_MAX_PENDING``: most events waiting in memory for Redis.
         - ``SIGNAL_QUEUE_SPOOL_PATH``: the outage spool (default: in the instance folder).
         - ``SIGNAL_QUEUE_MAX_EVENT_BYTES``: largest kwargs of one event, as JSON.

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from tests.conftest import drain, queued_events, run_worker
+from tests.conftest import drain, queued_events, run_worker, wait_until
 from tests.delivery_app import create_app
 from tests.recording import records
 from tests.redis_server import free_port
@@ -162,3 +162,56 @@ def test_events_emitted_while_a_send_is_on_its_way_go_together_in_the_next(conn:
         assert wait_for_events(conn, 21) == 21
     assert sends == [1, 20]
     assert conn.llen("rq:queue:signals") == 2
+
+
+def test_while_the_workers_keep_up_the_next_send_does_not_wait_for_the_linger(conn: redis.Redis) -> None:
+    """Group commit whatever LINGER is, while no job waits for a worker: the 20 events emitted while
+    the first send is on its way go as soon as it is back, not LINGER (10 s) after it."""
+    import threading
+
+    from tests.delivery_app import audit
+
+    app = create_app(SIGNAL_QUEUE_LINGER=10)
+    outbox = app.extensions["signal_queue"].outbox
+    outbox._sent_at = time.monotonic() - 60  # not a new process's first events, which gather
+    dispatcher = app.extensions["signal_queue"].dispatcher
+    send, entered, release, sends = dispatcher.send, threading.Event(), threading.Event(), []
+
+    def held_send(batches: list[object]) -> None:
+        sends.append(sum(b.events for b in batches))  # type: ignore[attr-defined]
+        entered.set()
+        assert release.wait(10)
+        send(batches)  # type: ignore[arg-type]
+
+    dispatcher.send = held_send  # type: ignore[method-assign]
+    with app.app_context():
+        audit.send("first", i=0)
+        assert entered.wait(10), "the first event was sent at once"
+        for i in range(1, 21):
+            audit.send("meanwhile", i=i)
+        release.set()
+        assert wait_for_events(conn, 21, timeout=5) == 21, "sent right after the first send, not after LINGER"
+    assert sends == [1, 20]
+    app.extensions["signal_queue"].close()
+
+
+def test_while_jobs_wait_for_a_worker_the_sender_lingers(conn: redis.Redis) -> None:
+    """A send whose queue already held jobs no worker had taken (read from its RPUSH reply, no extra
+    round trip) makes the next sends wait LINGER, so that events gather into larger jobs."""
+    from tests.delivery_app import audit
+
+    app = create_app(SIGNAL_QUEUE_LINGER=10)
+    state = app.extensions["signal_queue"]
+    state.outbox._sent_at = time.monotonic() - 60  # not a new process's first events, which gather
+    with app.app_context():
+        audit.send("first", i=0)
+        wait_until("the first event's send", lambda: state.dispatcher.counters["enqueued"] == 1, timeout=5)
+        assert state.dispatcher.waiting == 0, "the queue was empty"
+        assert state.outbox._behind_until < time.monotonic()
+        audit.send("second", i=1)  # no worker took the first job
+        wait_until("the second event's send", lambda: state.dispatcher.counters["enqueued"] == 2, timeout=5)
+        assert state.dispatcher.waiting == 1
+        wait_until("the sender to linger", lambda: state.outbox._behind_until > time.monotonic(), timeout=5)
+    drain(app)
+    assert conn.llen("rq:queue:signals") == 2
+    state.close()

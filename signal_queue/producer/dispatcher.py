@@ -214,6 +214,9 @@ class Dispatcher:
         self._confirmed_lock = threading.Lock()
         self._publish = connection.register_script(_PUBLISH_COUNTS)
         spool.on_lost = self._lost_with_spool
+        #: Jobs that were waiting for a worker in the busiest queue of the last send, before its own
+        #: (read from that send's RPUSH replies): the background sender lingers only while there are some.
+        self.waiting = 0
         #: True when the spool may hold batches waiting for a replay.
         self.spool_dirty = False
         if os.path.exists(spool.path):
@@ -360,19 +363,24 @@ class Dispatcher:
                 retries=BATCH_RETRIES,
                 now=now,
             )))
+        pushes: list[tuple[int, int]] = []  # (index of the queue's RPUSH reply, jobs it pushed)
         try:
             with self.connection.pipeline(transaction=True) as pipe:
                 for name, jobs in by_queue.items():
                     enqueue(pipe, name, jobs)  # as Queue.enqueue_many writes them (see wire/rq_jobs.py)
+                    pushes.append((len(pipe) - 1, len(jobs)))
                 for b in batches:
                     pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
                 if obsolete:
                     pipe.delete(*(SENT_KEY.format(job_id) for job_id in obsolete))
                 pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
-                pipe.execute()
+                replies = pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._confirm(obsolete)  # deleted or not: the next send deletes them (again)
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
+        # RPUSH answers the list's length: what it holds beyond the jobs just pushed was waiting
+        # for a worker. Read from the send's own replies, so knowing costs no round trip.
+        self.waiting = max((int(replies[i]) - pushed for i, pushed in pushes), default=0)
 
     # -- sent-markers no spool needs ---------------------------------------------------
 

@@ -4,10 +4,13 @@ Delivery modes (``SIGNAL_QUEUE_DELIVERY``):
 
 ``background`` (default)
     The request thread appends the event to an in-memory queue; a sender
-    thread sends whatever has gathered as batched RQ jobs in one pipeline: at
-    once if it has not sent for ``SIGNAL_QUEUE_LINGER`` seconds, else that long
-    after its previous send ended (events gather meanwhile). The request never
-    waits for Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
+    thread sends whatever has gathered as batched RQ jobs in one pipeline. While
+    the workers keep up (the last send found no job waiting in its queue), that
+    is group commit: at once when the sender is idle, else as soon as the
+    previous send is back. While jobs wait for a worker (and for a second after),
+    or after a failed send, a send begins ``SIGNAL_QUEUE_LINGER`` seconds after
+    the previous one ended, so that events gather into larger jobs. The request
+    never waits for Redis. Lost if the process dies before the sender ran (see docs/guarantees.md).
 ``after_response``
     Events are held on the request and sent in one pipeline when the
     response is closed (after the body went out), on the request's thread.
@@ -42,6 +45,9 @@ logger = logging.getLogger("signal_queue")
 DELIVERY_MODES = ("background", "after_response", "immediate")
 #: Pending events past which the request thread sends a batch itself.
 BACKPRESSURE_AT = 2000
+#: Seconds the sender keeps lingering after a send that found the workers behind (or failed):
+#: without it, the small jobs of group commit would bring the backlog straight back.
+BEHIND_HOLD = 1.0
 _HELD = "signal_queue.held"
 _OUTCOME = "signal_queue.outcome"
 _FAILED, _OK = "failed", "ok"
@@ -66,6 +72,9 @@ class Outbox:
         self._closed = False
         self._idle = False
         self._sent_at = 0.0  # time.monotonic() when the sender thread's last send ended
+        # Until when a send waits LINGER after the previous one: BEHIND_HOLD after the last send that
+        # found jobs waiting for a worker or failed (see _step), and for a new process's first events (_run).
+        self._behind_until = 0.0
         _outboxes.add(self)
         # No sender thread yet, even if a previous process left spooled batches: a
         # gunicorn --preload master makes the app and then forks, and its thread would
@@ -184,10 +193,14 @@ class Outbox:
         self._sending = threading.Lock()
         self._wake = threading.Event()
         self._sent_at = 0.0
+        self._behind_until = 0.0
 
     def _run(self) -> None:
-        if not self._sent_at:  # the first events of a process gather for LINGER, as if a send had just ended
+        if not self._sent_at:
+            # The first events of a process gather for LINGER, as if a send that found the workers
+            # behind had just ended.
             self._sent_at = time.monotonic()
+            self._behind_until = self._sent_at + BEHIND_HOLD
         # The app is held weakly: an app made by a factory and dropped takes its sender with it.
         while not self._closed and self._app() is not None:
             try:
@@ -214,24 +227,30 @@ class Outbox:
             self._idle = False
             self._wake.clear()
             return
-        # A send begins at least LINGER after the previous one ended: an event that finds the
-        # sender idle that long goes at once; while sends follow each other, the next batch
-        # gathers during the send and LINGER after it (with 0: during the send only).
-        wait = self._sent_at + self.linger - time.monotonic()
-        if wait > 0:
-            self._wake.wait(wait)  # close() cuts it short; puts do not wake a sender that is not idle
-            self._wake.clear()
+        # Group commit while the workers keep up: the next send begins as soon as the previous
+        # one is back, with what gathered during it. While they are behind (the last send found
+        # jobs waiting in the queue, or failed), a send begins at least LINGER after the previous
+        # one ended, so that events gather into larger jobs, which cost a worker less each;
+        # an event that finds the sender idle that long still goes at once.
+        now = time.monotonic()
+        if now < self._behind_until:
+            wait = self._sent_at + self.linger - now
+            if wait > 0:
+                self._wake.wait(wait)  # close() cuts it short; puts do not wake a sender that is not idle
+                self._wake.clear()
+        sent = False
         try:
-            self._send_some()
+            sent = self._send_some()
         finally:
-            self._sent_at = time.monotonic()
+            self._sent_at = now = time.monotonic()
+            if not sent or self.dispatcher.waiting > 0:
+                self._behind_until = now + BEHIND_HOLD
 
-    def _send_some(self) -> None:
-        """One send: up to ``max_events_per_send`` of the pending events."""
+    def _send_some(self) -> bool:
+        """One send: up to ``max_events_per_send`` of the pending events. False if Redis did not take them."""
         with self._sending:
             batch = self._take()
-            if batch:
-                self.dispatcher.deliver(batch)
+            return self.dispatcher.deliver(batch) if batch else True
 
     def _take(self) -> list[PendingEvent]:
         batch: list[PendingEvent] = []
