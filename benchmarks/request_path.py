@@ -1,13 +1,17 @@
 """Request-path benchmark: what N signal emits cost a request, for each way of handling them.
 
     python benchmarks/request_path.py                 # in-process test client, then gunicorn
-    python benchmarks/request_path.py --only inproc   # or: --only gunicorn
+    python benchmarks/request_path.py --only inproc   # or: --only gunicorn [--with-worker]
 
 Prints p50/p99 latency (us), requests/s, Redis round trips per request and the
 ratios of p50 and p99 to the no-receiver baseline measured in the same run.
 Under gunicorn, "cpu" is the worker process's CPU time per request (us, from
 /proc: both its threads and the sender) and "trips" its sends (MULTI/EXEC) per
-request, as Redis counts them.
+request, as Redis counts them; "waiting", the jobs left in the queue at the end of the load.
+With ``--with-worker`` one default ``worker.py`` drains the queue while the signal_queue
+variants run, as in production: the sender then finds no jobs waiting and sends at once
+(group commit) instead of lingering, which costs more sends; "cpu" counts gunicorn's
+processes only, not the worker's.
 In-process, requests/s (and "mean us", its inverse) count the time until the
 last event is in Redis: the final flush is inside the elapsed time, so the
 sender's work is included. Redis is a private redis-server on a free port.
@@ -114,9 +118,19 @@ def load(port: int, seconds: float, clients: int) -> tuple[list[float], int]:
     return times, errors[0]
 
 
-def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int) -> dict[str, float]:
+def bench_gunicorn(
+    variant: str, n: int, url: str, seconds: float, clients: int, with_worker: bool = False
+) -> dict[str, float]:
     port = free_port()
     env = dict(os.environ, BENCH_VARIANT=variant, BENCH_N=str(n), SIGNAL_QUEUE_REDIS_URL=url, PYTHONPATH=str(ROOT))
+    worker = None
+    if with_worker and variant.startswith("signal_queue"):
+        # One default worker drains the queue during the load, as in production: the sender
+        # then sees no jobs waiting (its group-commit regime) instead of a growing backlog.
+        worker = subprocess.Popen(
+            [sys.executable, "worker.py", "--app", "benchmarks.apps:env_app()", "--logging-level", "WARNING"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
     server = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4",
          "--worker-class", "gthread", "--log-level", "warning", "benchmarks.apps:env_app()"],
@@ -138,9 +152,17 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
         sends, cpu = redis_sends(url), process_cpu(server.pid)
         times, errors = load(port, seconds, clients)
         sends, cpu = redis_sends(url) - sends, process_cpu(server.pid) - cpu
+        waiting = redis.Redis.from_url(url).llen("rq:queue:signals")
     finally:
         server.terminate()
         server.wait(timeout=30)
+        if worker is not None:
+            worker.terminate()
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     return {
         "p50": percentile(times, 0.5) * 1e6,
         "p99": percentile(times, 0.99) * 1e6,
@@ -148,6 +170,7 @@ def bench_gunicorn(variant: str, n: int, url: str, seconds: float, clients: int)
         "trips": sends / max(1, len(times)),
         "cpu": cpu / max(1, len(times)) * 1e6,
         "errors": errors,
+        "waiting": waiting,
     }
 
 
@@ -191,7 +214,7 @@ def table(title: str, rows: list[tuple[str, int, dict[str, float]]]) -> None:
     print(f"\n{title}")
     cols = (f"{'variant':30} {'N':>2} {'p50 us':>9} {'p99 us':>9} {'req/s':>8} {'p50/base':>9} {'p99/base':>9} "
             f"{'rps/base':>9}")
-    extra = [k for k in ("mean", "cpu", "trips", "errors") if k in rows[0][2]]
+    extra = [k for k in ("mean", "cpu", "trips", "errors", "waiting") if k in rows[0][2]]
     print(cols + "".join(f" {k:>7}" for k in extra))
     for variant, n, r in rows:
         b = base[n]
@@ -208,6 +231,8 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS))
     parser.add_argument("--n", type=int, nargs="*", default=[1, 5], help="emits per request")
+    parser.add_argument("--with-worker", action="store_true",
+                        help="gunicorn: one worker.py drains the queue during the signal_queue variants' load")
     parser.add_argument("--rounds", type=int, default=1,
                         help="runs per variant, interleaved; each figure is the median over the rounds")
     args = parser.parse_args()
@@ -243,10 +268,13 @@ def main() -> int:
             for _ in range(args.rounds):
                 for n in args.n:
                     for variant in args.variants:
-                        runs.append((variant, n, bench_gunicorn(variant, n, server.url, args.seconds, args.clients)))
+                        runs.append((variant, n, bench_gunicorn(variant, n, server.url, args.seconds, args.clients,
+                                                                   args.with_worker)))
                         redis.Redis.from_url(server.url).flushall()
             rows = medians(runs)
-            table(f"gunicorn gthread (1 worker, 4 threads), {args.clients} keep-alive clients on loopback", rows)
+            drained = ", one worker.py draining the queue (signal_queue variants)" if args.with_worker else ""
+            table(f"gunicorn gthread (1 worker, 4 threads), {args.clients} keep-alive clients on loopback{drained}",
+                  rows)
     finally:
         server.stop()
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, load average "
