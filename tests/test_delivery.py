@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -135,55 +137,31 @@ def test_an_event_that_finds_the_sender_idle_goes_at_once(conn: redis.Redis) -> 
     app.extensions["signal_queue"].close()
 
 
-def test_events_emitted_while_a_send_is_on_its_way_go_together_in_the_next(conn: redis.Redis) -> None:
-    """Group commit (LINGER 0): the first event goes at once; the 20 emitted while that send is on its
-    way gather and go in one send, one job, as soon as it is back."""
-    import threading
-
-    from tests.delivery_app import audit
-
-    app = create_app(SIGNAL_QUEUE_LINGER=0)
-    dispatcher = app.extensions["signal_queue"].dispatcher
+def hold_sends(dispatcher: Any) -> tuple[threading.Event, threading.Event, list[int]]:
+    """Make each of ``dispatcher``'s sends note its events, set ``entered`` and wait for ``release``."""
     send, entered, release, sends = dispatcher.send, threading.Event(), threading.Event(), []
 
-    def held_send(batches: list[object]) -> None:
-        sends.append(sum(b.events for b in batches))  # type: ignore[attr-defined]
+    def held_send(batches: list[Any]) -> None:
+        sends.append(sum(b.events for b in batches))
         entered.set()
         assert release.wait(10)
-        send(batches)  # type: ignore[arg-type]
+        send(batches)
 
-    dispatcher.send = held_send  # type: ignore[method-assign]
-    with app.app_context():
-        audit.send("first", i=0)
-        assert entered.wait(10), "the first event was sent without waiting for more"
-        for i in range(1, 21):
-            audit.send("meanwhile", i=i)
-        release.set()
-        assert wait_for_events(conn, 21) == 21
-    assert sends == [1, 20]
-    assert conn.llen("rq:queue:signals") == 2
+    dispatcher.send = held_send
+    return entered, release, sends
 
 
-def test_while_the_workers_keep_up_the_next_send_does_not_wait_for_the_linger(conn: redis.Redis) -> None:
-    """Group commit whatever LINGER is, while no job waits for a worker: the 20 events emitted while
-    the first send is on its way go as soon as it is back, not LINGER (10 s) after it."""
-    import threading
-
+@pytest.mark.parametrize("linger", [0, 10])
+def test_events_emitted_while_a_send_is_on_its_way_go_together_in_the_next(conn: redis.Redis, linger: int) -> None:
+    """Group commit, whatever LINGER is while no job waits for a worker: the first event goes at once;
+    the 20 emitted while that send is on its way gather and go in one send, one job, as soon as it
+    is back (not LINGER after it)."""
     from tests.delivery_app import audit
 
-    app = create_app(SIGNAL_QUEUE_LINGER=10)
+    app = create_app(SIGNAL_QUEUE_LINGER=linger)
     outbox = app.extensions["signal_queue"].outbox
     outbox._sent_at = time.monotonic() - 60  # not a new process's first events, which gather
-    dispatcher = app.extensions["signal_queue"].dispatcher
-    send, entered, release, sends = dispatcher.send, threading.Event(), threading.Event(), []
-
-    def held_send(batches: list[object]) -> None:
-        sends.append(sum(b.events for b in batches))  # type: ignore[attr-defined]
-        entered.set()
-        assert release.wait(10)
-        send(batches)  # type: ignore[arg-type]
-
-    dispatcher.send = held_send  # type: ignore[method-assign]
+    entered, release, sends = hold_sends(app.extensions["signal_queue"].dispatcher)
     with app.app_context():
         audit.send("first", i=0)
         assert entered.wait(10), "the first event was sent at once"
@@ -192,6 +170,7 @@ def test_while_the_workers_keep_up_the_next_send_does_not_wait_for_the_linger(co
         release.set()
         assert wait_for_events(conn, 21, timeout=5) == 21, "sent right after the first send, not after LINGER"
     assert sends == [1, 20]
+    assert conn.llen("rq:queue:signals") == 2
     app.extensions["signal_queue"].close()
 
 

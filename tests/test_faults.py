@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import redis
 
 from devtools.redis_process import RedisProcess, free_port
@@ -234,16 +235,10 @@ def test_sigterm_at_any_moment_of_a_job_stops_the_worker(tmp_path: Path) -> None
     log = tmp_path / "handled.log"
     env = fault_env(server.url, log, tmp_path / "spool.sqlite3")
     total, trials = 4000, 8
-    old = {k: os.environ.get(k) for k in ("SIGNAL_QUEUE_REDIS_URL", "SIGNAL_QUEUE_BATCH_SIZE")}
-    os.environ.update(SIGNAL_QUEUE_REDIS_URL=server.url, SIGNAL_QUEUE_BATCH_SIZE="1")  # one job per event
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIGNAL_QUEUE_REDIS_URL", server.url)
+        patch.setenv("SIGNAL_QUEUE_BATCH_SIZE", "1")  # one job per event
         app = create_app()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     try:
         with app.test_request_context("/emit/0"):
             for n in range(total):
