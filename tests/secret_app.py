@@ -6,13 +6,15 @@ import os
 from typing import Any
 
 from blinker import Namespace
-from flask import Flask, g
+from flask import Flask, g, request
 from flask_sqlalchemy import SQLAlchemy
 
 from signal_queue import SignalQueue, deferred
 from tests.recording import record
 
-signed_up = Namespace().signal("signed-up")
+bus = Namespace()
+signed_up = bus.signal("signed-up")
+reset_asked = bus.signal("reset-asked")
 db = SQLAlchemy()
 
 
@@ -45,6 +47,11 @@ def create_app(**config: Any) -> Flask:
         )
         return "ok"
 
+    @app.route("/reset/<reset_token>/<int:step>")
+    def reset(reset_token: str, step: int) -> str:
+        reset_asked.send("site", step=step)
+        return "ok"
+
     with app.app_context():
         db.create_all()
     return app
@@ -56,3 +63,8 @@ def on_signed_up(sender: Any, form_data: Any, confirm_token: Any, account: Any) 
         "signed-up", sender, form=form_data, token=confirm_token,
         account={"email": account.email, "password_hash": account.password_hash},
     )
+
+
+@deferred(reset_asked)
+def on_reset_asked(sender: Any, step: int) -> None:
+    record("reset-asked", sender, step=step, args=request.args.to_dict(), view_args=request.view_args)

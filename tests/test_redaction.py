@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,42 @@ def test_secret_fields_never_reach_redis_and_the_rest_does(
     assert rec["kwargs"]["token"] == "[REDACTED]"
     assert rec["kwargs"]["account"] == {"email": "ada@example.com", "password_hash": "[REDACTED]"}
     assert rec["g"] == {"api_key": "[REDACTED]", "tenant": "acme"}
+
+
+def stored(conn: redis.Redis) -> bytes:
+    """Every job hash in Redis, its compressed data decompressed."""
+    parts = []
+    for key in conn.keys("rq:job:*"):
+        for value in conn.hgetall(key).values():
+            try:
+                parts.append(zlib.decompress(value))
+            except zlib.error:
+                parts.append(value)
+    return b"\n".join(parts)
+
+
+def test_secret_path_arguments_and_query_parameters_never_reach_redis(
+    conn: redis.Redis, redis_url: str, secret_db: None
+) -> None:
+    """A token in the URL (a secret-named path argument, query parameters) is [REDACTED] in the
+    stored request, so in Redis; the handler's request matches the same rule with [REDACTED] as the
+    value, and every other parameter is as sent."""
+    app = create_app()
+    response = app.test_client().get("/reset/tok-hunter2-path/3?access_token=tok-hunter2-query&page=2&apiKey=k-hunter2")
+    assert response.status_code == 200
+    drain(app)
+    dump = stored(conn)
+    assert b"reset-asked" in dump, "the job data was read"
+    assert b"hunter2" not in dump, "a secret in the URL reached Redis"
+    run_worker(APP, redis_url)
+    [rec] = records(conn)
+    hidden = "[REDACTED]"
+    assert rec["request"]["path"] == f"/reset/{hidden}/3"
+    assert rec["kwargs"]["args"] == {"access_token": hidden, "page": "2", "apiKey": hidden}
+    assert rec["kwargs"]["view_args"] == {"reset_token": hidden, "step": 3}
+    assert rec["kwargs"]["step"] == 3
+    assert "hunter2" not in rec["request"]["url"] + rec["request"]["query"]
+    assert "page=2" in rec["request"]["query"]
 
 
 def test_redaction_is_configurable(conn: redis.Redis, secret_db: None) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote
 
-from ..wire.codec import REDACTED, Codec
+from ..wire.codec import REDACTED, Codec, redact_path
 
 #: The longest description written, in characters.
 MAX_DESCRIPTION = 400
@@ -96,15 +96,8 @@ def _path(path: Any, view_args: Any, codec: Codec) -> str:
     """The request path, percent-encoded, with the values of secret-named path arguments redacted."""
     if not isinstance(path, str):
         return "?"
-    secrets = set()
-    if isinstance(view_args, Mapping):
-        for name, value in view_args.items():
-            if isinstance(name, str) and codec.secret(name) and isinstance(value, (str, int)) and str(value):
-                secrets.add(str(value))
-    for value in sorted(secrets, key=len, reverse=True):
-        if "/" in value:  # a <path:...> argument spans segments
-            path = path.replace(value, REDACTED)
-    segments = [REDACTED if s in secrets or s == REDACTED else quote(s, safe=_URL_SAFE) for s in path.split("/")]
+    secrets = codec.secret_values(view_args)
+    segments = [s if s == REDACTED else quote(s, safe=_URL_SAFE) for s in redact_path(path, secrets).split("/")]
     return _clip("/".join(segments), MAX_PART * 2)
 
 

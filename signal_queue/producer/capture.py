@@ -22,9 +22,10 @@ from contextvars import ContextVar
 from typing import Any
 
 from flask import Flask, Request, g, request
+from werkzeug.sansio.utils import get_current_url
 
 from ..exceptions import PayloadError
-from ..wire.codec import REDACTED, Codec, Unserializable
+from ..wire.codec import REDACTED, Codec, Unserializable, redact_path
 from ..wire.event import FORMAT_VERSION, REQUEST_ID_ENVIRON_KEY, new_id
 from ..wire.receivers import DeferredReceiver
 
@@ -188,12 +189,28 @@ class RawRequest:
         if snap is None:
             environ = dict(self.environ)
             snap = _plain_snapshot(environ, codec) or _werkzeug_snapshot(environ, codec)
+            _redact_target(snap, self.view_args, codec)
             snap["endpoint"] = self.endpoint
             snap["view_args"] = _encode_view_args(codec, self.view_args)
             snap["request_id"] = self.request_id
             snap["user"] = None
             self._snapshot = snap
         return snap if user is None else dict(snap, user=user)
+
+
+def _redact_target(snap: dict[str, Any], view_args: dict[str, Any], codec: Codec) -> None:
+    """Secret-named path arguments and query parameters (``SIGNAL_QUEUE_REDACT_FIELDS``) as
+    ``[REDACTED]`` in the snapshot's path, query string and URL: a token in a URL never reaches
+    Redis or the spool. The worker's request matches the same rule, with ``[REDACTED]`` as the value."""
+    secrets = codec.secret_values(view_args)
+    path, query = snap["path"], snap["query_string"]
+    new_path = redact_path(path, secrets) if secrets else path
+    new_query = codec.redact_query(query)
+    if new_path != path or new_query != query:
+        snap["path"], snap["query_string"] = new_path, new_query
+        snap["url"] = get_current_url(
+            snap["scheme"], snap["host"], snap["root_path"], new_path, new_query.encode("latin-1")
+        )
 
 
 def _werkzeug_snapshot(environ: dict[str, Any], codec: Codec) -> dict[str, Any]:
@@ -300,6 +317,9 @@ def _header_name(key: str) -> tuple[str, str] | None:
 def _encode_view_args(codec: Codec, view_args: dict[str, Any]) -> dict[str, Any]:
     encoded: dict[str, Any] = {}
     for key, value in view_args.items():
+        if codec.secret(key):
+            encoded[key] = REDACTED
+            continue
         try:
             encoded[key] = codec.encode(value, f"view_args.{key}")
         except Unserializable:

@@ -18,10 +18,11 @@ import math
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Protocol
+from urllib.parse import unquote_plus
 
 from flask import Flask, Request, current_app
 from flask.sessions import SessionMixin
@@ -31,6 +32,8 @@ from werkzeug.wrappers import Response
 
 TAG = "__sq__"
 REDACTED = "[REDACTED]"
+#: :data:`REDACTED` in a query string, percent-encoded: ``request.args`` reads it back as ``[REDACTED]``.
+REDACTED_IN_URL = "%5BREDACTED%5D"
 #: Deepest nesting of lists, dicts and tagged values carried: deeper data is refused at emit
 #: (and in the worker) with its key path, not with a ``RecursionError`` from inside the codec.
 MAX_DEPTH = 100
@@ -252,6 +255,32 @@ class Codec:
             if len(self._secret_names) < 10_000:  # names are few; a flood of new ones is not remembered
                 self._secret_names[name] = hit
         return hit
+
+    def secret_values(self, view_args: Any) -> set[str]:
+        """The values, as text, of a URL rule's secret-named path arguments (for :func:`redact_path`)."""
+        if not isinstance(view_args, Mapping):
+            return set()
+        return {
+            str(value)
+            for name, value in view_args.items()
+            if isinstance(name, str) and self.secret(name) and isinstance(value, (str, int)) and str(value)
+        }
+
+    def redact_query(self, query: str) -> str:
+        """``query`` with the values of secret-named parameters as ``[REDACTED]`` (percent-encoded);
+        every other parameter as it was sent. Parsed only when a redacted word, ``%`` or ``+`` is in it."""
+        if not query or (
+            "%" not in query and "+" not in query and not any(w in _normalized(query) for w in self.redact_fields)
+        ):
+            return query
+        parts = query.split("&")
+        changed = False
+        for i, part in enumerate(parts):
+            name, eq, _ = part.partition("=")
+            if eq and self.secret(unquote_plus(name)):
+                parts[i] = f"{name}={REDACTED_IN_URL}"
+                changed = True
+        return "&".join(parts) if changed else query
 
     def encode_attributes(
         self, attributes: Mapping[str, Any], key: str, depth: int, skip: Container[str] = ()
@@ -495,6 +524,14 @@ def _nonfinite(text: Any) -> float:
 
 def _refuse_unsendable(value: Mapping[str, Any]) -> Any:
     raise ValueError(f"kwarg {value.get('key')} could not be carried to the worker: {value.get('reason')}")
+
+
+def redact_path(path: str, values: Collection[str]) -> str:
+    """``path`` with each segment that is one of ``values`` (the secret-named path arguments of its
+    URL rule, as text) as ``[REDACTED]``; a value holding ``/`` (a ``<path:...>`` argument) wherever it is."""
+    for value in sorted((v for v in values if "/" in v), key=len, reverse=True):
+        path = path.replace(value, REDACTED)
+    return "/".join(REDACTED if s in values else s for s in path.split("/"))
 
 
 def _normalized(name: str) -> str:
