@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,17 @@ def as_redacted(value: Any) -> Any:
     if isinstance(value, list):
         return [as_redacted(v) for v in value]
     return value
+
+
+#: Flask-Security's views whose URL rule ends in ``/<token>`` (flask_security/views.py).
+_TOKEN_LINK = re.compile(
+    r"^/(login|us-setup|tf-setup|reset|change-email|confirm|wan-register|wan-signin|wan-verify)/[^/]+$"
+)
+
+
+def token_path(path: str | None) -> str | None:
+    """A Flask-Security link's path as the worker sees it: its ``<token>`` argument as [REDACTED]."""
+    return None if path is None else _TOKEN_LINK.sub(r"/\1/[REDACTED]", path)
 
 
 def compare(conn: redis.Redis) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
@@ -303,8 +315,12 @@ def test_every_flask_security_signal_reaches_the_worker_as_it_reaches_inline(
     [registered] = worker["user-registered"]
     assert (inline["user-registered"][0]["kwargs"]["user"]["id"], registered["kwargs"]["user"]["id"]) == (None, 1)
     inline["user-registered"][0]["kwargs"]["user"]["id"] = 1
-    # Tokens and passwords (confirm_token, form_data["password"]...) stay in the process.
-    redacted = {name: [dict(e, kwargs=as_redacted(e["kwargs"])) for e in events] for name, events in inline.items()}
+    # Tokens and passwords (confirm_token, form_data["password"]...) stay in the process, and so do the
+    # tokens in Flask-Security's links (/confirm/<token>, /reset/<token>...).
+    redacted = {
+        name: [dict(e, kwargs=as_redacted(e["kwargs"]), path=token_path(e["path"])) for e in events]
+        for name, events in inline.items()
+    }
     assert worker == redacted
     assert worker != inline, "Flask-Security's signals carry secrets, which the worker sees as [REDACTED]"
     assert conn.zcard("rq:failed:signals") == 0
