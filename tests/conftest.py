@@ -135,6 +135,14 @@ def client(server: RedisProcess) -> Iterator[redis.Redis]:
     connection.close()
 
 
+def answers(conn: redis.Redis) -> bool:
+    """Whether the Redis behind ``conn`` answers a PING yet (a check for :func:`wait_until`)."""
+    try:
+        return bool(conn.ping())
+    except redis.ConnectionError:
+        return False
+
+
 def wait_until(
     what: str, check: Callable[[], object], timeout: float, process: subprocess.Popen[Any] | None = None
 ) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -17,6 +18,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from devtools.redis_process import find_redis_server, free_port
+from tests.conftest import answers, wait_until
 
 SERVICE = "sq"
 QUORUM = 2
@@ -47,17 +49,9 @@ class Server:
                            retry=Retry(NoBackoff(), 0))
 
     def wait_up(self, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
         with self.client() as conn:
-            while True:
-                try:
-                    conn.ping()
-                    return
-                except redis.ConnectionError:
-                    assert self.process is not None and self.process.poll() is None, \
-                        f"redis-server exited; see {self.dir / 'server.log'}"
-                    assert time.monotonic() < deadline, f"redis-server on {self.port} did not answer in {timeout} s"
-                    time.sleep(0.02)
+            wait_until(f"redis-server on {self.port} to answer (see {self.dir / 'server.log'})",
+                       lambda: answers(conn), timeout, self.process)
 
     def kill(self) -> None:
         if self.process is not None:
@@ -142,13 +136,8 @@ class SentinelGroup:
             return bool(conn.info("replication")["master_link_status"] == "up")
 
     @staticmethod
-    def wait(what: str, check: object, timeout: float) -> float:
-        started = time.monotonic()
-        assert callable(check)
-        while not check():
-            assert time.monotonic() - started < timeout, f"timed out after {timeout}s waiting for {what}"
-            time.sleep(0.05)
-        return time.monotonic() - started
+    def wait(what: str, check: Callable[[], object], timeout: float) -> float:
+        return wait_until(what, check, timeout)
 
     def kill_master(self) -> float:
         """SIGKILL the master; the time.monotonic() of the kill."""

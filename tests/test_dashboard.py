@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from rq.serializers import JSONSerializer
 
 from signal_queue.consumer.labels import MAX_DESCRIPTION, describe_event, event_meta
 from signal_queue.wire.codec import Codec
-from tests.conftest import ROOT, drain, run_worker
+from tests.conftest import ROOT, drain, run_worker, wait_until
 from tests.dashboard_app import RELEASE_KEY, WAITING_KEY, create_app
 from tests.redis_server import free_port
 
@@ -78,16 +77,16 @@ def dashboard(url: str, log: Path, with_settings: bool = True) -> Iterator[Get]:
             return exc.code, exc.read().decode()
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"rq-dashboard exited {proc.returncode}:\n{log.read_text()}"
+        def answers() -> bool:
             try:
-                if get("/0/data/queues.json")[0] == 200:
-                    break
+                return get("/0/data/queues.json")[0] == 200
             except OSError:
-                pass
-            assert time.monotonic() < deadline, f"rq-dashboard did not answer:\n{log.read_text()}"
-            time.sleep(0.1)
+                return False
+
+        try:
+            wait_until("rq-dashboard to answer", answers, 60, proc)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}:\n{log.read_text()}") from None
         yield get
     finally:
         proc.terminate()
@@ -242,13 +241,10 @@ def busy_worker(conn: redis.Redis, redis_url: str) -> Iterator[None]:
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 60
-        while not conn.get(WAITING_KEY):
-            assert worker.poll() is None and time.monotonic() < deadline, "the worker never ran the job"
-            time.sleep(0.05)
+        wait_until("the worker to run the job", lambda: bool(conn.get(WAITING_KEY)), 60, worker)
         yield
     finally:
-        conn.set(RELEASE_KEY, 1)
+        conn.rpush(RELEASE_KEY, 1)
         worker.terminate()
         worker.wait(timeout=30)
 

@@ -18,7 +18,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from rq.serializers import JSONSerializer
 from devtools.redis_process import RedisProcess, find_redis_server, free_port
 from signal_queue.metrics import prometheus_text
 from signal_queue.wire.keys import RUN_EVENTS
-from tests.conftest import ROOT, drain
+from tests.conftest import ROOT, drain, wait_until
 from tests.test_faults import FAULT_APP, fault_env, start_worker, stop
 from tests.test_redis_faults import lines_with, wait_for, worker_log
 
@@ -134,18 +133,19 @@ class TlsRedis:
             port=self.port, ssl=True, ssl_cert_reqs="none", ssl_certfile=str(pki / "client.crt"),
             ssl_keyfile=str(pki / "client.key"), socket_connect_timeout=0.5, retry=None,
         )
-        deadline = time.monotonic() + 10
-        while True:
+
+        def up() -> bool:
             try:
                 assert int(self.admin.info("server")["process_id"]) == self.process.pid, "another server's port"
-                break
+                return True
             except redis.ConnectionError:
                 log = (self.dir / "redis.log").read_text(errors="replace") if (self.dir / "redis.log").exists() else ""
                 if self.process.poll() is not None and "TLS" in log and "not" in log and "support" in log:
                     pytest.skip(f"{binary} is built without TLS")
                 assert self.process.poll() is None, f"redis-server exited:\n{log}"
-                assert time.monotonic() < deadline, f"redis-server did not answer over TLS within 10 s:\n{log}"
-                time.sleep(0.05)
+                return False
+
+        wait_until(f"redis-server to answer over TLS (see {self.dir / 'redis.log'})", up, 10)
 
     def url(self, query: str = "") -> str:
         """A URL that verifies Redis's certificate and host name against the trusted CA (plus ``query``).

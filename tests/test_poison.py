@@ -84,12 +84,10 @@ def worker_log(log: Path) -> str:
 
 def within(seconds: float, check: Callable[[], bool]) -> float | None:
     """Seconds until ``check()`` held, or None if it did not within ``seconds`` (a figure, not a failure)."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > seconds:
-            return None
-        time.sleep(0.05)
-    return time.monotonic() - started
+    try:
+        return wait_until("a figure", check, seconds)
+    except AssertionError:
+        return None
 
 
 def stat(pid: int) -> tuple[str, int] | None:

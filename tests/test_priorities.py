@@ -7,13 +7,12 @@ import os
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
 from rq import Worker
 
-from tests.conftest import ROOT, drain, run_worker
+from tests.conftest import ROOT, drain, run_worker, wait_until
 from tests.priority_app import alert, create_app, note, report
 from tests.recording import records
 
@@ -70,11 +69,11 @@ def test_info_and_rq_info_show_the_order(conn: redis.Redis, redis_url: str, orde
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        found: list[Worker] = []
-        while not found and time.monotonic() < deadline:
-            found = [w for w in Worker.all(connection=conn) if w.name == "ordered"]
-            time.sleep(0.05)
+        def ordered() -> list[Worker]:
+            return [w for w in Worker.all(connection=conn) if w.name == "ordered"]
+
+        wait_until("the worker to register", ordered, 30, worker)
+        found = ordered()
         assert found, "the worker registered"
         assert found[0].queue_names() == ["critical", "signals", "bulk"]
         rq_info = subprocess.run(

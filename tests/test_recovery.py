@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from rq.serializers import JSONSerializer
 from devtools.redis_process import RedisProcess
 from signal_queue import PayloadError
 from signal_queue.wire.keys import SENT_KEY
-from tests.conftest import ROOT, drain, queued_events, run_worker
+from tests.conftest import ROOT, drain, queued_events, run_worker, wait_until
 from tests.misc_app import create_app, fixable, misc
 from tests.recording import records
 from tests.redis_server import free_port
@@ -49,9 +48,7 @@ def test_spooled_events_are_replayed_by_the_app_when_redis_returns(tmp_path: Pat
         assert state.dispatcher.breaker.failures >= 1
         server.start()
         conn = redis.Redis.from_url(server.url)
-        deadline = time.monotonic() + 40
-        while queued_events(conn) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until("the spool to be replayed", lambda: queued_events(conn) >= 3, 40)
         assert queued_events(conn) == 3, "replayed without any new request"
         assert state.dispatcher.spool.depth() == (0, 0)
         assert state.dispatcher.counters["replayed"] == 3

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ import redis
 
 from signal_queue import SignalQueue
 from signal_queue.wire.keys import SENT_KEY, SENT_TTL
-from tests.conftest import ROOT, drain, run_worker
+from tests.conftest import ROOT, drain, run_worker, wait_until
 from tests.misc_app import create_app, flaky, misc, slow
 from tests.recording import RECORDS, records
 
@@ -169,10 +168,7 @@ def test_job_whose_hash_vanished_while_it_ran_is_not_run_again(conn: redis.Redis
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while conn.hget(f"rq:job:{job_id}", "status") != b"started":
-            assert time.monotonic() < deadline, "the job did not start"
-            time.sleep(0.01)
+        wait_until("the job to start", lambda: conn.hget(f"rq:job:{job_id}", "status") == b"started", 30, worker)
         assert conn.delete(f"rq:job:{job_id}") == 1
         _, stderr = worker.communicate(timeout=60)
     finally:

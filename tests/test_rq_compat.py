@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
@@ -21,7 +22,7 @@ from signal_queue import SignalQueue
 from signal_queue.consumer.job import SignalJob
 from signal_queue.consumer.rq_compat import CHECKED_RQ, MAINTENANCE_LOCK_TTL, MIRRORED, CompatQueue, rq_version_checked
 from signal_queue.consumer.worker import SignalWorker, build_worker
-from tests.conftest import drain
+from tests.conftest import drain, wait_until
 from tests.misc_app import create_app, misc
 
 
@@ -156,9 +157,8 @@ def test_an_idle_wait_wakes_when_any_queue_gets_a_job_and_takes_nothing_meanwhil
 
     thread = threading.Thread(target=take)
     thread.start()
-    deadline = time.monotonic() + 10
-    while conn.info("clients")["blocked_clients"] < len(names) and time.monotonic() < deadline:
-        time.sleep(0.01)  # poll until every queue's wait has blocked in Redis
+    with contextlib.suppress(AssertionError):  # the assertion below says it
+        wait_until("the take to block", lambda: conn.info("clients")["blocked_clients"] >= len(names), 10)
     assert conn.info("clients")["blocked_clients"] >= len(names), "the take is waiting on every queue"
     assert not done and conn.llen(f"rq:queue:{names[-1]}") == 0
     app = create_app(SIGNAL_QUEUE_QUEUE=names[-1])

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from flask import Flask
 from devtools.redis_process import find_redis_server
 from signal_queue import ConfigurationError
 from signal_queue.wire.redis_url import safe_url
-from tests.conftest import ROOT, drain, wait_until
+from tests.conftest import ROOT, answers, drain, wait_until
 from tests.misc_app import create_app
 from tests.recording import records
 from tests.redis_server import free_port
@@ -60,15 +59,8 @@ class SecuredRedis:
         self.process.stdin.write(config.encode() + b"\n")
         self.process.stdin.close()
         self.conn = redis.Redis(port=self.port, password=SECRET, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.conn.ping()
-                break
-            except redis.ConnectionError:
-                assert self.process.poll() is None, f"redis-server exited; see {directory / 'redis.log'}"
-                assert time.monotonic() < deadline, "redis-server did not answer within 10 s"
-                time.sleep(0.02)
+        wait_until(f"redis-server to answer (see {directory / 'redis.log'})", lambda: answers(self.conn), 10,
+                   self.process)
         with pytest.raises(redis.AuthenticationError):
             redis.Redis(port=self.port).ping()  # it does want the password
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
-import time
 
 import redis
 
 import signal_queue
-from tests.conftest import ROOT, drain, run_worker
+from tests.conftest import ROOT, drain, run_worker, wait_until
 from tests.misc_app import create_app, misc
 from tests.recording import records
 
@@ -90,16 +90,18 @@ def test_rq_info_shows_the_queue_and_the_running_worker(conn: redis.Redis, redis
         cwd=ROOT, env=env_for(redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
-        seen = ""
-        while time.monotonic() < deadline:
-            seen = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
+        shown = [""]
+
+        def settled() -> bool:
+            seen = shown[0] = subprocess.run(rq, capture_output=True, text=True, timeout=60, check=True).stdout
             # The receivers write their records before the worker finishes the job: wait for both. A
             # finished job is not kept (SIGNAL_QUEUE_RESULT_TTL 0), so nothing counts as finished.
             finished = re.search(r"^signals\s+\|\D*0, 0 executing, 0 finished, 0 failed", seen, re.M)
-            if "sq-info-test" in seen and len(records(conn)) == 3 and finished:
-                break
-            time.sleep(0.1)
+            return "sq-info-test" in seen and len(records(conn)) == 3 and bool(finished)
+
+        with contextlib.suppress(AssertionError):  # the assertions below say what is missing
+            wait_until("rq info to show the worker and the handled job", settled, 30)
+        seen = shown[0]
         assert "sq-info-test" in seen, seen
         assert "1 workers, 1 queues" in seen, seen
         assert re.search(r"^signals\s+\|\D*0, 0 executing, 0 finished, 0 failed", seen, re.M), seen
