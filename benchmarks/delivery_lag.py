@@ -24,6 +24,7 @@ log goes to /dev/null.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -73,7 +74,7 @@ def note_sends() -> None:
         now = time.time()
         JOBS[0] += len(batches)
         for b in batches:
-            for event in b.job["args"][0]:
+            for event in json.loads(b.args)[0]:
                 SENT[event["id"]] = now - event["kwargs"]["sent_at"]
 
     dispatcher.send = noted

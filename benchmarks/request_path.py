@@ -6,8 +6,8 @@
 Prints p50/p99 latency (us), requests/s, Redis round trips per request and the
 ratios of p50 and p99 to the no-receiver baseline measured in the same run.
 Under gunicorn, "cpu" is the worker process's CPU time per request (us, from
-/proc: both its threads and the sender) and "trips" its sends (MULTI/EXEC) per
-request, as Redis counts them; "waiting", the jobs left in the queue at the end of the load.
+/proc: both its threads and the sender) and "trips" its sends (one RPUSH each, run by
+its enqueue script) per request, as Redis counts them; "waiting", the jobs left in the queue at the end of the load.
 With ``--with-worker`` one default ``worker.py`` drains the queue while the signal_queue
 variants run, as in production: the sender then finds no jobs waiting and sends at once
 (group commit) instead of lingering, which costs more sends; "cpu" counts gunicorn's
@@ -192,9 +192,9 @@ def process_cpu(master: int) -> float:
 
 
 def redis_sends(url: str) -> int:
-    """Transactions (MULTI/EXEC pipelines) Redis has run: each of the app's sends is one round trip."""
+    """The app's sends Redis has run: each is one round trip (one script), with one RPUSH per queue."""
     stats = redis.Redis.from_url(url).info("commandstats")
-    return int(stats.get("cmdstat_exec", {}).get("calls", 0))
+    return int(stats.get("cmdstat_rpush", {}).get("calls", 0))
 
 
 def medians(runs: list[tuple[str, int, dict[str, float]]]) -> list[tuple[str, int, dict[str, float]]]:

@@ -519,7 +519,7 @@ def test_a_process_writing_a_spool_another_moved_aside_writes_the_fresh_one(
         "from signal_queue.producer.spool import Spool, SpooledBatch\n"
         f"spool = Spool({str(path)!r})\n"
         "for n in (1, 2):\n"
-        "    spool.put([SpooledBatch(f'job{n}', 'signals', {'args': []}, 7 * n)])\n"
+        "    spool.put([SpooledBatch(f'job{n}', 'signals', b'[]', {}, 7 * n)])\n"
         "    spool._run(lambda db: db.execute('PRAGMA wal_checkpoint(TRUNCATE)'))  # as SQLite does every 1000 pages\n"
         "    print('put', n, flush=True)\n"
         "    sys.stdin.readline()\n"
@@ -560,7 +560,7 @@ def test_a_partly_corrupt_spool_keeps_the_rows_it_can_read(tmp_path: Path, caplo
     path = tmp_path / "spool.sqlite3"
     spool = Spool(str(path))
     for n in range(10):  # a row of ~3 KB per 4 KB page
-        spool.put([SpooledBatch(f"job{n}", "signals", {"args": ["x" * 3000]}, 10)])
+        spool.put([SpooledBatch(f"job{n}", "signals", b'["' + b"x" * 3000 + b'"]', {}, 10)])
     spool._run(lambda db: db.execute("PRAGMA wal_checkpoint(TRUNCATE)"))  # as SQLite does every 1000 pages
     spool.close()
     size = path.stat().st_size

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import math
 import re
 import time
 from contextvars import ContextVar
@@ -154,15 +153,16 @@ class RawRequest:
     """What the request thread keeps of a request: cheap to take, turned into a snapshot later.
 
     Taken once per request (cached in the environ) and shared by its events.
-    It holds the WSGI environ itself; the sender copies the keys it needs and
-    formats them off the request thread (headers never change after the
-    request starts; a copy of a dict is atomic under the GIL).
+    It holds a copy of the environ's keys a snapshot reads (text, for the most
+    part), not the environ: the request's objects (the environ refers to the
+    request, which refers to the environ) are freed when the request ends, not
+    kept until the sender formats the snapshot off the request thread.
     """
 
     __slots__ = ("_key", "_snapshot", "endpoint", "environ", "request_id", "view_args")
 
     def __init__(self, environ: dict[str, Any], endpoint: str | None, view_args: dict[str, Any]):
-        self.environ = environ
+        self.environ = {k: v for k, v in environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
         self.endpoint = endpoint
         self.view_args = view_args
         self.request_id = request_id(environ)
@@ -187,7 +187,7 @@ class RawRequest:
         """
         snap = self._snapshot
         if snap is None:
-            environ = dict(self.environ)
+            environ = self.environ
             snap = _plain_snapshot(environ, codec) or _werkzeug_snapshot(environ, codec)
             _redact_target(snap, self.view_args, codec)
             snap["endpoint"] = self.endpoint
@@ -214,8 +214,8 @@ def _redact_target(snap: dict[str, Any], view_args: dict[str, Any], codec: Codec
 
 
 def _werkzeug_snapshot(environ: dict[str, Any], codec: Codec) -> dict[str, Any]:
-    """The request's fields as werkzeug's ``Request`` reads them from ``environ``: any request."""
-    environ = {k: v for k, v in environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
+    """The request's fields as werkzeug's ``Request`` reads them from ``environ`` (the keys
+    :class:`RawRequest` keeps): any request."""
     req = Request(environ, populate_request=False, shallow=True)
     return {
         "method": req.method,
@@ -320,6 +320,9 @@ def _encode_view_args(codec: Codec, view_args: dict[str, Any]) -> dict[str, Any]
         if codec.secret(key):
             encoded[key] = REDACTED
             continue
+        if type(value) is str or type(value) is int:  # what URL converters give, mostly: JSON as it is
+            encoded[key] = value
+            continue
         try:
             encoded[key] = codec.encode(value, f"view_args.{key}")
         except Unserializable:
@@ -412,24 +415,26 @@ _second: tuple[int, str] = (0, "1970-01-01T00:00:00")
 
 
 def utc_isoformat(timestamp: float) -> str:
-    """``datetime.fromtimestamp(timestamp, utc).isoformat()``, the same text at a quarter of the cost.
+    """``datetime.fromtimestamp(timestamp, utc).isoformat()``, the same text at a fraction of the cost.
 
     Rounded to the microsecond as ``datetime`` rounds (half to even); the date and time
     of the whole second are formatted once per second, not once per event.
     """
     global _second
-    fraction, whole = math.modf(timestamp)
-    micros = round(fraction * 1e6)
-    second = int(whole)
-    if micros >= 1_000_000:
-        second, micros = second + 1, micros - 1_000_000
-    elif micros < 0:
-        second, micros = second - 1, micros + 1_000_000
+    second = int(timestamp)  # toward zero, as datetime's math.modf splits it: timestamp - second is exact
+    micros = round((timestamp - second) * 1e6)
     cached_second, text = _second
-    if second != cached_second:
-        text = dt.datetime.fromtimestamp(second, _UTC).isoformat()[:19]
-        _second = (second, text)
-    return f"{text}.{micros:06d}+00:00" if micros else f"{text}+00:00"
+    if second != cached_second or not 0 < micros < 1_000_000:
+        if micros >= 1_000_000:
+            second, micros = second + 1, micros - 1_000_000
+        elif micros < 0:
+            second, micros = second - 1, micros + 1_000_000
+        if second != cached_second:
+            text = dt.datetime.fromtimestamp(second, _UTC).isoformat()[:19]
+            _second = (second, text)
+        if not micros:
+            return text + "+00:00"
+    return f"{text}.{micros:06d}+00:00"
 
 
 def received_form(event: PendingEvent, codec: Codec) -> dict[str, Any]:

@@ -49,7 +49,7 @@ from ..wire.keys import (
 from ..wire.redis_connect import RedisSource
 from ..wire.redis_errors import Fault, classify
 from ..wire.redis_identity import RedisIdentity, data_loss, read_identity
-from ..wire.rq_jobs import JOB_KEY, enqueue, job_data, job_hash, rq_time
+from ..wire.rq_jobs import ENQUEUE_SCRIPT, JOB_KEY, enqueue_call, job_data, job_hash, json_bytes, rq_time
 from .capture import PendingEvent
 from .ledger import TOTALS as LEDGER_TOTALS
 from .spool import Spool, SpooledBatch, is_write_failure, sqlite_cause
@@ -213,6 +213,7 @@ class Dispatcher:
         self._confirmed_at = 0.0
         self._confirmed_lock = threading.Lock()
         self._publish = connection.register_script(_PUBLISH_COUNTS)
+        self._enqueue = connection.register_script(ENQUEUE_SCRIPT)
         spool.on_lost = self._lost_with_spool
         #: Jobs that were waiting for a worker in the busiest queue of the last send, before its own
         #: (read from that send's RPUSH replies): the background sender lingers only while there are some.
@@ -324,28 +325,30 @@ class Dispatcher:
         """One batch job: its events, a description ``rq info`` can show, a timeout that fits them all."""
         requests: dict[str, dict[str, Any]] = {}
         codec, default_timeout = self.codec, self.default_timeout
+        # Each event is JSON as soon as it is formatted: a batch's dicts do not pile up until the
+        # send (and get promoted by the garbage collector, which then collects in full more often).
         payloads, timeouts, found = [], [], {}
         for e in events:
-            payloads.append(e.to_dict(codec, requests))
+            payloads.append(json_bytes(e.to_dict(codec, requests)))
             timeouts.append(e.receiver.timeout or default_timeout)
             found[id(e.receiver)] = e.receiver
         timeout = batch_timeout(timeouts)
         names = sorted({f"{r.signal_name} -> {r.name}" for r in found.values()})
         job = {
-            "args": [payloads, requests],
             "timeout": timeout,
             "result_ttl": self.result_ttl,
             "failure_ttl": self.failure_ttl,
             "description": f"{len(events)} event(s): {', '.join(names)}",
         }
-        return SpooledBatch(f"sqb{new_id()}", queue, job, len(events))
+        args = b"[[" + b",".join(payloads) + b"]," + json_bytes(requests) + b"]"
+        return SpooledBatch(f"sqb{new_id()}", queue, args, job, len(events))
 
     def send(self, batches: Sequence[SpooledBatch]) -> None:
-        """Enqueue ``batches`` atomically (MULTI/EXEC), each with its sent-marker, or raise DeliveryError.
+        """Enqueue ``batches`` atomically (one script), each with its sent-marker, or raise DeliveryError.
 
         The marker ``sq:sent:<job id>`` lets a replay tell a batch that did reach
         Redis (the reply was lost) from one that did not, once its job is gone.
-        The same transaction deletes the markers of batches confirmed since the
+        The same script deletes the markers of batches confirmed since the
         last send: they are in no spool, so nothing will ask.
         """
         with self._confirmed_lock:
@@ -354,7 +357,7 @@ class Dispatcher:
         by_queue: dict[str, list[tuple[str, dict[str, bytes | str | int]]]] = defaultdict(list)
         for b in batches:
             by_queue[b.queue].append((b.job_id, job_hash(
-                job_data(RUN_EVENTS, b.job["args"]),
+                job_data(RUN_EVENTS, b.args),
                 origin=b.queue,
                 timeout=b.job["timeout"],
                 result_ttl=b.job["result_ttl"],
@@ -363,24 +366,19 @@ class Dispatcher:
                 retries=BATCH_RETRIES,
                 now=now,
             )))
-        pushes: list[tuple[int, int]] = []  # (index of the queue's RPUSH reply, jobs it pushed)
+        keys, args = enqueue_call(
+            by_queue, marker=SENT_KEY, marker_ttl=SENT_TTL, counts=STATS_KEY, field="enqueued",
+            increment=sum(b.events for b in batches), delete=[SENT_KEY.format(job_id) for job_id in obsolete],
+        )
         try:
-            with self.connection.pipeline(transaction=True) as pipe:
-                for name, jobs in by_queue.items():
-                    enqueue(pipe, name, jobs)  # as Queue.enqueue_many writes them (see wire/rq_jobs.py)
-                    pushes.append((len(pipe) - 1, len(jobs)))
-                for b in batches:
-                    pipe.set(SENT_KEY.format(b.job_id), 1, ex=SENT_TTL)
-                if obsolete:
-                    pipe.delete(*(SENT_KEY.format(job_id) for job_id in obsolete))
-                pipe.hincrby(STATS_KEY, "enqueued", sum(b.events for b in batches))
-                replies = pipe.execute()
+            # One atomic command (see ENQUEUE_SCRIPT): RQ's writes, the sent-markers, the count.
+            waiting = self._enqueue(keys=keys, args=args)
         except (redis.RedisError, OSError) as exc:
             self._confirm(obsolete)  # deleted or not: the next send deletes them (again)
             raise DeliveryError(f"{type(exc).__name__}: {exc}") from exc
         # RPUSH answers the list's length: what it holds beyond the jobs just pushed was waiting
-        # for a worker. Read from the send's own replies, so knowing costs no round trip.
-        self.waiting = max((int(replies[i]) - pushed for i, pushed in pushes), default=0)
+        # for a worker. Read from the send's own reply, so knowing costs no round trip.
+        self.waiting = int(waiting)
 
     # -- sent-markers no spool needs ---------------------------------------------------
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+from ..wire.rq_jobs import json_bytes
 from .ledger import Ledger, ledger_at
 
 logger = logging.getLogger("signal_queue")
@@ -89,9 +90,21 @@ class SpooledBatch:
 
     job_id: str
     queue: str
-    job: dict[str, Any]  # func, args, timeout, result_ttl, failure_ttl, description
+    args: bytes  # the JSON text of the job's arguments (its events and their requests' snapshots)
+    job: dict[str, Any]  # timeout, result_ttl, failure_ttl, description
     events: int
     row: int | None = None
+
+    def stored(self) -> str:
+        """The row's ``job`` column: the job as one JSON object, its ``args`` among its keys."""
+        rest = json.dumps(self.job)
+        return '{"args": ' + self.args.decode("utf-8") + (", " + rest[1:] if rest != "{}" else "}")
+
+    @classmethod
+    def from_row(cls, job_id: str, queue: str, stored: str, events: int, row: int | None = None) -> SpooledBatch:
+        """The batch a row holds (rows written by earlier versions read the same)."""
+        job = json.loads(stored)
+        return cls(job_id, queue, json_bytes(job.pop("args")), job, events, row=row)
 
 
 class Spool:
@@ -186,7 +199,7 @@ class Spool:
 
     def put(self, batches: Sequence[SpooledBatch]) -> None:
         """Write ``batches`` in one fsync'd transaction; raise ``sqlite3.Error``/``OSError`` if it cannot."""
-        rows = [(b.job_id, b.queue, json.dumps(b.job), b.events, time.time()) for b in batches]
+        rows = [(b.job_id, b.queue, b.stored(), b.events, time.time()) for b in batches]
 
         events = sum(b.events for b in batches)
 
@@ -216,7 +229,7 @@ class Spool:
                 )
             return rows
 
-        return [SpooledBatch(r[1], r[2], json.loads(r[3]), r[4], row=r[0]) for r in self._run(take)]
+        return [SpooledBatch.from_row(r[1], r[2], r[3], r[4], row=r[0]) for r in self._run(take)]
 
     def read(self, after: int, limit: int) -> list[SpooledBatch]:
         """Up to ``limit`` rows past row ``after``, claimed or not, without writing anything.
@@ -230,7 +243,7 @@ class Spool:
                 "SELECT id, job_id, queue, job, events FROM batches WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
             ).fetchall()
 
-        return [SpooledBatch(r[1], r[2], json.loads(r[3]), r[4], row=r[0]) for r in self._run(select)]
+        return [SpooledBatch.from_row(r[1], r[2], r[3], r[4], row=r[0]) for r in self._run(select)]
 
     def delete(self, batches: Sequence[SpooledBatch]) -> None:
         """Remove replayed rows."""

@@ -26,7 +26,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from redis.client import Pipeline
 from rq.job import Job, JobStatus
 from rq.queue import Queue
 
@@ -64,19 +63,26 @@ def rq_time(when: dt.datetime | None = None) -> str:
     return (when or dt.datetime.now(dt.timezone.utc)).strftime(TIME_FORMAT)
 
 
-def job_data(function: str, args: Sequence[Any]) -> bytes:
+def json_bytes(value: Any) -> bytes:
+    """``value`` as JSON text (UTF-8), as ``json.loads`` reads it back.
+
+    Encoded by orjson (compact) when it can; the standard library's encoder takes
+    what orjson refuses (an integer past 64 bits, a key that is not a string).
+    """
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return json.dumps(value).encode("utf-8")
+
+
+def job_data(function: str, args: bytes) -> bytes:
     """The ``data`` field of a job calling ``function(*args)``: its JSON call tuple, compressed.
 
-    What RQ's JSON serializer makes of ``(function, None, args, {})``, encoded by orjson
-    (compact, UTF-8) when it can; the standard library's encoder takes what orjson refuses
-    (an integer past 64 bits, a key that is not a string). Both are read by ``json.loads``.
+    What RQ's JSON serializer makes of ``(function, None, args, {})``, with ``args``
+    given as JSON text (:func:`json_bytes` of the list): a batch's events are encoded
+    one by one as they are formatted, so none waits as a dict for the others.
     """
-    call: list[Any] = [function, None, args, {}]
-    try:
-        text = orjson.dumps(call)
-    except TypeError:  # orjson.JSONEncodeError is one
-        text = json.dumps(call).encode("utf-8")
-    return zlib.compress(text, COMPRESSION_LEVEL)
+    return zlib.compress(b"[" + json_bytes(function) + b",null," + args + b",{}]", COMPRESSION_LEVEL)
 
 
 def job_hash(
@@ -114,13 +120,64 @@ def job_hash(
     }
 
 
-def enqueue(pipe: Pipeline, queue: str, jobs: Sequence[tuple[str, dict[str, bytes | str | int]]]) -> None:
-    """Write ``jobs`` (job id, :func:`job_hash`) into ``pipe`` as enqueued on ``queue``, in order.
+#: Writes batch jobs as ``Queue.enqueue_many`` writes them (per queue: ``SADD rq:queues``, each
+#: job's hash, one ``RPUSH`` of their ids, in order), with the caller's bookkeeping, in one atomic
+#: step and one command (a MULTI/EXEC pipeline of the same commands costs the app about twice the
+#: CPU: redis-py packs and parses each command). Each job's marker key is set to 1 for ARGV[1]
+#: seconds, the keys after the jobs' are deleted, and ARGV[3] is added to field ARGV[2] of KEYS[2].
+#: The first command writes: a Redis that refuses writes (full, read-only) refuses the script
+#: before anything is written. Returns how many jobs were already waiting in the busiest queue.
+#: KEYS: rq:queues, the counts' hash, then per queue its key and per job its hash's key and its
+#: marker's key, then the keys to delete. ARGV: marker TTL, counts field, increment, number of
+#: queues, then per queue its number of jobs and per job its id, number of fields, fields.
+ENQUEUE_SCRIPT = """
+local k, a, waiting = 3, 5, 0
+for _ = 1, tonumber(ARGV[4]) do
+    local queue = KEYS[k]
+    redis.call('SADD', KEYS[1], queue)
+    local jobs = tonumber(ARGV[a])
+    local ids = {}
+    k, a = k + 1, a + 1
+    for j = 1, jobs do
+        local fields = tonumber(ARGV[a + 1]) * 2
+        ids[j] = ARGV[a]
+        redis.call('HSET', KEYS[k], unpack(ARGV, a + 2, a + 1 + fields))
+        redis.call('SET', KEYS[k + 1], 1, 'EX', ARGV[1])
+        k, a = k + 2, a + 2 + fields
+    end
+    waiting = math.max(waiting, redis.call('RPUSH', queue, unpack(ids)) - jobs)
+end
+for i = k, #KEYS, 1000 do
+    redis.call('DEL', unpack(KEYS, i, math.min(i + 999, #KEYS)))
+end
+redis.call('HINCRBY', KEYS[2], ARGV[2], ARGV[3])
+return waiting
+"""
 
-    The commands ``Queue.enqueue_many`` sends for them, but one ``RPUSH`` for all their ids.
+
+def enqueue_call(
+    queues: dict[str, list[tuple[str, dict[str, bytes | str | int]]]],
+    *,
+    marker: str,
+    marker_ttl: int,
+    counts: str,
+    field: str,
+    increment: int,
+    delete: Sequence[str] = (),
+) -> tuple[list[str], list[bytes | str | int]]:
+    """KEYS and ARGV of :data:`ENQUEUE_SCRIPT` for ``queues`` (queue name: jobs as (job id, :func:`job_hash`)).
+
+    ``marker`` is the format of a job's marker key (``{0}``: the job id).
     """
-    queue_key = QUEUE_KEY.format(queue)
-    pipe.sadd(QUEUES_KEY, queue_key)
-    for job_id, fields in jobs:
-        pipe.hset(JOB_KEY.format(job_id), mapping=fields)  # type: ignore[arg-type]
-    pipe.rpush(queue_key, *(job_id for job_id, _ in jobs))
+    keys: list[str] = [QUEUES_KEY, counts]
+    args: list[bytes | str | int] = [marker_ttl, field, increment, len(queues)]
+    for queue, jobs in queues.items():
+        keys.append(QUEUE_KEY.format(queue))
+        args.append(len(jobs))
+        for job_id, fields in jobs:
+            keys += (JOB_KEY.format(job_id), marker.format(job_id))
+            args += (job_id, len(fields))
+            for item in fields.items():
+                args += item
+    keys += delete
+    return keys, args
