@@ -3,7 +3,7 @@
 :meth:`Dispatcher.deliver` turns pending events into RQ jobs of up to
 ``SIGNAL_QUEUE_BATCH_SIZE`` events each (a job costs ~20 Redis round trips
 in a worker, so it is paid once per batch, not once per event) and writes all
-of them in one pipeline, as ``Queue.enqueue_many`` would (:mod:`..wire.rq_jobs`):
+of them with one script, as ``Queue.enqueue_many`` would (:mod:`..wire.rq_jobs`):
 one round trip. Redis
 errors become a logged :class:`~signal_queue.exceptions.DeliveryError`,
 never an exception in the request. The outage spool hooks in here, and so
