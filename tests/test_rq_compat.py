@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import inspect
 import random
+import sys
 import threading
 import time
 from typing import Any
@@ -400,3 +401,35 @@ def test_job_started_by_its_take_and_never_run_goes_back_at_once(redis_url: str,
     assert conn.hget(f"rq:job:{job_id}", "sq_attempts") == b"0"
     assert conn.zcard("rq:wip:signals") == 0 and not list(conn.scan_iter("rq:execution*"))
     assert worker.return_untaken_job() is None, "nothing left to return"
+
+
+def test_a_job_reads_its_times_as_rq_does_without_strptime(conn: redis.Redis) -> None:
+    """Loading a job gives the times RQ's own restore gives (also RQ's older form without microseconds),
+    without strptime, which was the largest part of loading a job in the worker."""
+    job_id = enqueue(conn, "signals", "a")
+    key = f"rq:job:{job_id}"
+    conn.hset(key, mapping={"started_at": "2026-11-25T18:00:00.123456Z", "ended_at": "2026-11-25T18:00:01.000001Z",
+                            "last_heartbeat": "2026-11-25T18:00:00.500000Z"})
+    times = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+    strptime: list[str] = []
+
+    def note(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "_strptime":
+            strptime.append(frame.f_code.co_filename)
+
+    ours = SignalJob(job_id, connection=conn, serializer=JSONSerializer)
+    raw = conn.hgetall(key)
+    sys.setprofile(note)
+    try:
+        ours.restore(raw)
+    finally:
+        sys.setprofile(None)
+    rqs = Job(job_id, connection=conn, serializer=JSONSerializer)
+    rqs.restore(raw)
+    assert {t: getattr(ours, t) for t in times} == {t: getattr(rqs, t) for t in times}
+    assert all(getattr(ours, t).tzinfo is not None for t in times)
+    assert not strptime, "the times were read without strptime"
+    conn.hset(key, "ended_at", "2026-11-25T18:00:01Z")  # RQ's older form: read by RQ's own parser
+    older = SignalJob(job_id, connection=conn, serializer=JSONSerializer)
+    older.restore(conn.hgetall(key))
+    assert older.refusal is None and older.ended_at == dt.datetime(2026, 11, 25, 18, 0, 1, tzinfo=dt.timezone.utc)
