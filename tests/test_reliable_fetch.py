@@ -307,3 +307,44 @@ def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Pat
         stop(*(p for p in (first, second) if p is not None))
         proxy.close()
         server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_sigterm_as_redis_hands_a_worker_its_job_runs_every_event_once(tmp_path: Path, queues: int) -> None:
+    """SIGTERM reaches the worker just as the reply of its take (which started the job) comes back, and
+    is read: whether the job went to the handler process before the stop or not, each event runs once,
+    and nothing is left taken or started."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    signalled: list[str] = []
+
+    def observe(command: list[bytes], reply: Any) -> bool:
+        job_id = taken_job(command, reply)
+        if job_id is not None and not signalled:
+            signalled.append(job_id)
+            victim[0].send_signal(signal.SIGTERM)
+        return False  # nothing is cut: the worker reads the reply
+
+    proxy = RedisProxy(server.port, CutRule(observe, lambda command, reply: None))
+    first = start_worker(proxy.url, log, queues, "fetch-stopped")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        assert first.wait(timeout=30) == 0, "the worker stopped on SIGTERM"
+        assert not any(conn.zcard(k) for k in conn.scan_iter("rq:wip:*")), "nothing left started by the stopped worker"
+        second = start_worker(server.url, log, queues, "fetch-next")
+        lost, twice, rows = outcome(log, 4, deadline=20, url=server.url)
+        print(f"\nSIGTERM on the take's reply ({queues} queue(s)): events lost {lost}, run twice {twice}; the job "
+              f"{'ran before the stop' if any(r[4] == signalled[0] and r[3] == '1' for r in rows) else 'went back'}")
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+        assert all(row[3] == "1" for row in rows), "no event counted a start that did not run it"
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()

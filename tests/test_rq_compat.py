@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import importlib
 import inspect
+import json
 import random
 import sys
 import threading
@@ -35,6 +36,7 @@ from signal_queue.consumer.rq_compat import (
     parse_rq_time,
     rq_version_checked,
 )
+from signal_queue.consumer.run import use_runner
 from signal_queue.consumer.worker import SignalWorker, build_worker
 from tests.conftest import drain, wait_until
 from tests.misc_app import create_app, misc
@@ -249,7 +251,7 @@ def signal_worker(redis_url: str) -> SignalWorker:
     worker = build_worker(SignalQueue.state(create_app()).consumer, ["signals"], url=redis_url)
     assert isinstance(worker, SignalWorker)
     worker.register_birth()
-    CompatQueue.taken = CompatQueue.started = None
+    CompatQueue.taken = CompatQueue.started = CompatQueue.read = None
     return worker
 
 
@@ -433,3 +435,60 @@ def test_a_job_reads_its_times_as_rq_does_without_strptime(conn: redis.Redis) ->
     older = SignalJob(job_id, connection=conn, serializer=JSONSerializer)
     older.restore(conn.hgetall(key))
     assert older.refusal is None and older.ended_at == dt.datetime(2026, 11, 25, 18, 0, 1, tzinfo=dt.timezone.utc)
+
+
+def test_a_first_attempt_reaches_its_handler_before_rqs_bookkeeping_and_starts_once(
+    redis_url: str, conn: redis.Redis
+) -> None:
+    """A job its take started goes to the handler process as soon as it is loaded, before RQ logs it
+    and runs its bookkeeping (execute_job); the job function then follows it: the event runs once,
+    the job starts once, and nothing is left started."""
+    job_id = enqueue(conn, "signals", "early")
+    worker = signal_worker(redis_url)
+    worker.get_redis_server_version()  # RQ's one look, made at the first job
+    worker.handlers.start()
+    use_runner(worker.handlers)
+    try:
+        got = worker.dequeue_job_and_maintain_ttl(None)
+        assert got is not None and got[0].id == job_id
+        wait_until("the handler to run the event before execute_job", lambda: conn.llen("sq:test:records") == 1, 10)
+        assert conn.hget(f"rq:job:{job_id}", "sq_attempts") == b"1"
+        worker.execute_job(*got)
+    finally:
+        use_runner(None)
+        worker.handlers.close()
+        worker.close_heartbeats()
+    [record] = [json.loads(r) for r in conn.lrange("sq:test:records", 0, -1)]
+    assert record["kwargs"] == {"value": "early"} and record["attempt"] == 1
+    assert not conn.exists(f"rq:job:{job_id}"), "finished (its result is not kept)"
+    assert conn.zcard("rq:wip:signals") == 0 and not list(conn.scan_iter("rq:execution*")), "started once, ended once"
+    assert conn.scard(worker.executions_key) == 0
+
+
+@pytest.mark.parametrize("by", ["take", "release"])
+@pytest.mark.parametrize("known", ["marks", "read"])
+def test_a_job_cut_short_after_it_ran_is_never_handed_again_as_a_first_attempt(
+    redis_url: str, conn: redis.Redis, known: str, by: str
+) -> None:
+    """A job its take started, which ran, and whose end a Redis fault cut short (the worker restarts in the same
+    process), stays started for RQ's clean-up of abandoned jobs, which runs it again reading its done marks. The
+    next take of the process, or its release, does not undo its start as that of a take whose reply was lost
+    (that would run its events again as a first attempt). It knows by the job's done marks, or else because
+    the process read the job."""
+    first, second = enqueue(conn, "signals", "a"), enqueue(conn, "signals", "b")
+    worker = signal_worker(redis_url)
+    got = worker.dequeue_job_and_maintain_ttl(None)
+    assert got is not None and got[0].id == first
+    if known == "marks":
+        conn.hset(f"rq:job:{first}", "sq_done", ",0")  # its event ran and was marked done
+        CompatQueue.read = None  # ...even if the process forgot it
+    CompatQueue.taken = CompatQueue.started = None  # run_worker's return_untaken_job after the fault
+    if by == "take":
+        again = worker.dequeue_job_and_maintain_ttl(None)
+        assert again is not None and again[0].id == second, "the next job, not the one cut short"
+    else:
+        assert CompatQueue.release(conn, worker.queues) == 0, "a stop does not put it back"
+        assert conn.lrange("rq:queue:signals", 0, -1) == [second.encode()]
+    job = Job.fetch(first, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and conn.hget(job.key, "sq_attempts") == b"1"
+    assert first in StartedJobRegistry("signals", connection=conn).get_job_ids()

@@ -38,6 +38,7 @@ jobs recovers, as when a worker dies running a job.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -49,7 +50,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar, cast
@@ -69,7 +70,7 @@ from rq.utils import as_text, current_timestamp, now, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
-from ..wire.keys import ATTEMPT_FIELD, HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
+from ..wire.keys import ATTEMPT_FIELD, DONE_FIELD, HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
 from ..wire.redis_errors import describe, transient_cause
 from .lifeline import die_with_parent, orphaned
 from .quarantine import entry_text, quarantine
@@ -620,6 +621,13 @@ local function count(job, field, step)
     redis.call('HSET', job, field, string.format('%d', math.max(n + step, 0)))
   end
 end
+-- True if a start by this taker (named by its record) may be undone: it is still registered, the
+-- process does not know the job (ARGV 'known': the job it read and did not finish, which a fault
+-- may have cut short), and no event of it is marked done (it never ran).
+local function undoable(prefixes, wip, id, exec, known)
+  return id ~= known and redis.call('ZSCORE', wip, id .. ':' .. exec)
+    and (redis.call('HGET', prefixes.job .. id, prefixes.done) or '') == ''
+end
 local function unstart(prefixes, wip, id, exec, worker_executions)
   local composite = id .. ':' .. exec
   redis.call('DEL', prefixes.execution .. composite)
@@ -660,7 +668,7 @@ local clock = redis.call('TIME')
 local sec, usec = tonumber(clock[1]), tonumber(clock[2])
 local now = sec + usec / 1000000
 local starting = ARGV[5] ~= ''
-local prefixes = {job = ARGV[3], execution = ARGV[8], executions = ARGV[9], attempts = ARGV[10]}
+local prefixes = {job = ARGV[3], execution = ARGV[8], executions = ARGV[9], attempts = ARGV[10], done = ARGV[12]}
 local function answer(queue, id)
   local key = ARGV[3] .. id
   local kind = redis.call('TYPE', key).ok
@@ -719,7 +727,7 @@ if last then
       if redis.call('LPOS', KEYS[i + 1], id) then return claim(i, id) end
       -- Started by a take of this process whose reply never arrived (the process does not know
       -- the job), and not ended or recovered since: undo that start, and hand it over again.
-      if exec and worker_executions and id ~= ARGV[11] and redis.call('ZSCORE', KEYS[i + 4], id .. ':' .. exec) then
+      if exec and worker_executions and undoable(prefixes, KEYS[i + 4], id, exec, ARGV[11]) then
         unstart(prefixes, KEYS[i + 4], id, exec, worker_executions)
         redis.call('RPUSH', KEYS[i + 1], id)
         return claim(i, id)
@@ -747,9 +755,10 @@ return false
 # execution registry, the attempts field, then per queue it serves: the queue, its intermediate
 # list, its taken set, its hold list, its started registry.
 _RELEASE = _Script(_LUA_COMMON + r"""
-local prefixes = {job = ARGV[1], execution = ARGV[2], executions = ARGV[3], attempts = ARGV[4]}
+local prefixes = {job = ARGV[1], execution = ARGV[2], executions = ARGV[3], attempts = ARGV[4], done = ARGV[5]}
+local known = ARGV[6]
 local returned = 0
-for i = 5, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   while redis.call('LMOVE', ARGV[i + 3], ARGV[i], 'RIGHT', 'LEFT') do returned = returned + 1 end
 end
 local last = redis.call('GET', KEYS[1])
@@ -758,14 +767,14 @@ if not last then return returned end
 local parts = split(last)
 local queue, id, exec, worker_executions = parts[1], parts[2], parts[3], parts[4]
 if not id then return returned end
-for i = 5, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   if ARGV[i] == queue then
     if redis.call('LREM', ARGV[i + 1], 1, id) == 1 then
       redis.call('ZREM', ARGV[i + 2], id)
       redis.call('LPUSH', queue, id)
       return returned + 1
     end
-    if exec and worker_executions and redis.call('ZSCORE', ARGV[i + 4], id .. ':' .. exec) then
+    if exec and worker_executions and undoable(prefixes, ARGV[i + 4], id, exec, known) then
       unstart(prefixes, ARGV[i + 4], id, exec, worker_executions)
       redis.call('ZREM', ARGV[i + 2], id)
       redis.call('LPUSH', queue, id)
@@ -907,6 +916,9 @@ class Starter:
     #: The worker's set of executions (rq 3.0 ``BaseWorker.executions_key``).
     executions_key: str
     heartbeat_ttl: int
+    #: Called with a job its take started, as soon as it is loaded (before RQ's own bookkeeping of it):
+    #: see :meth:`CompatWorker.started_by_take`.
+    started: Callable[[Job, Queue], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -919,6 +931,9 @@ class StartedInTake:
     at: dt.datetime
     #: The worker's set of executions, where the start noted the execution.
     executions_key: str
+    #: True once the job went to what runs it (see :meth:`CompatWorker.started_by_take`): from then
+    #: on it is never put back unstarted.
+    handed: bool = False
 
 
 def _execution_prefixes() -> tuple[str, str]:
@@ -958,6 +973,10 @@ class CompatQueue(Queue):
     taken: ClassVar[tuple[str, Queue] | None] = None
     #: The worker whose takes also start the job they take (set while its take runs; see :data:`_TAKE`).
     starter: ClassVar[Starter | None] = None
+    #: The job this process's worker last read from a take, until it finished it: a fault may cut a job
+    #: short, and its start must then stand (RQ's clean-up of abandoned jobs runs it again, reading
+    #: its done marks), not be undone as that of a take whose reply was lost.
+    read: ClassVar[str | None] = None
     #: The start written by this process's last take, until the job reaches its handlers
     #: (see :meth:`CompatWorker.return_untaken_job`).
     started: ClassVar[StartedInTake | None] = None
@@ -1017,7 +1036,10 @@ class CompatQueue(Queue):
                                                                 death_penalty_class)
                 if result is not None and reply is not None:
                     CompatQueue.taken = (result[0].id, result[1])
+                    CompatQueue.read = result[0].id
                     CompatQueue.started = cls._started_of(reply, result[0].id, result[1])
+                    if CompatQueue.started is not None and cls.starter is not None and cls.starter.started:
+                        cls.starter.started(*result)
                     return result
                 if reply is not None:
                     continue  # that entry was quarantined: take the next
@@ -1036,8 +1058,10 @@ class CompatQueue(Queue):
             except BaseException:
                 # A stop signal (RQ raises StopRequested wherever an idle worker is) or a bug
                 # interrupted a take or a wait: a job may be ours although we never read the reply.
-                with contextlib.suppress(redis.RedisError):
-                    cls.release(connection, queues)
+                # One handed to what runs it already stays started (it may be running).
+                if CompatQueue.started is None or not CompatQueue.started.handed:
+                    with contextlib.suppress(redis.RedisError):
+                        cls.release(connection, queues)
                 raise
 
     @classmethod
@@ -1056,7 +1080,7 @@ class CompatQueue(Queue):
             args += [uuid.uuid4().hex, starter.worker_name, starter.heartbeat_ttl]
         else:
             args += ["", "", ""]
-        args += [*_execution_prefixes(), ATTEMPT_FIELD, cls.taken[0] if cls.taken else ""]
+        args += [*_execution_prefixes(), ATTEMPT_FIELD, cls.read or "", DONE_FIELD]
         return keys, args
 
     @classmethod
@@ -1165,7 +1189,8 @@ class CompatQueue(Queue):
         """Put back what this process took and never started (a take whose reply it missed, its
         hold lists), at the front of the queues; how many jobs went back."""
         taker = cls.taker()
-        args: list[str] = [Job.redis_job_namespace_prefix, *_execution_prefixes(), ATTEMPT_FIELD]
+        args: list[str] = [Job.redis_job_namespace_prefix, *_execution_prefixes(), ATTEMPT_FIELD, DONE_FIELD,
+                           cls.read or ""]
         for q in queues:
             args += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker),
                      q.started_job_registry.key]
@@ -1373,11 +1398,37 @@ class CompatWorker(SimpleWorker):
     def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
         # rq 3.0 BaseWorker.dequeue_job_and_maintain_ttl, whose take (dequeue_any) starts the job it takes
         # for this worker (see _TAKE): the start costs no round trip of its own.
-        CompatQueue.starter = Starter(self.name, self.key, self.executions_key, self.get_heartbeat_ttl(None))  # type: ignore[arg-type]
+        CompatQueue.starter = Starter(
+            self.name, self.key, self.executions_key, self.get_heartbeat_ttl(None),  # type: ignore[arg-type]
+            self.started_by_take,
+        )
         try:
             return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
         finally:
             CompatQueue.starter = None
+
+    def started_by_take(self, job: Job, queue: Queue) -> None:
+        """``job`` was started by its take and is loaded: called before RQ logs it and runs it
+        (:meth:`execute_job`). A subclass may hand it to what runs it from here, inside
+        :meth:`handing_early`."""
+
+    @contextlib.contextmanager
+    def handing_early(self, handed: Callable[[], bool]) -> Iterator[None]:
+        """Around handing the job its take started to what runs it, before :meth:`execute_job`;
+        ``handed()`` says afterwards whether it went (or may have). From the block's start a stop
+        waits for the job (it raises no StopRequested) and the job is never put back unstarted, so a
+        SIGTERM that comes while the job is being handed cannot give it back while it runs; if it did
+        not go, the job goes the usual way (and a stop that came meanwhile gives it back)."""
+        started = CompatQueue.started
+        self._performing = True
+        if started is not None:
+            CompatQueue.started = dataclasses.replace(started, handed=True)
+        try:
+            yield
+        finally:
+            if not handed():
+                self._performing = False
+                CompatQueue.started = started
 
     def execute_job(self, job: Job, queue: Queue) -> None:
         # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread, and
@@ -1396,6 +1447,7 @@ class CompatWorker(SimpleWorker):
             self._started = None
             self._heartbeats.unwatch()
         self.taking = None
+        CompatQueue.read = None
         self.set_state(WorkerStatus.IDLE)
 
     def _start(self, job: Job) -> Any:
@@ -1570,7 +1622,7 @@ class CompatWorker(SimpleWorker):
         job_id, queue = self.taking
         self.taking = None
         started, CompatQueue.started = CompatQueue.started, None
-        if started is not None and started.job_id == job_id:
+        if started is not None and started.job_id == job_id and not started.handed:
             # Its take started it, and it never reached its handlers: undone, and queued again.
             self.executions.clear()
             return job_id if unstart(self.connection, started) else None
