@@ -8,9 +8,9 @@ request; one default worker (``worker.py``, its own process) runs the
 receiver, which notes ``time.time() - sent_at``. For each rate: p50, p99 and
 max lag, the rate actually reached, and how long the worker took to finish
 after the last emit (a worker that keeps up finishes at once). The lag is
-split in two: the app's part (emit to its batch being in Redis: the sender's
-send returned, noted by a wrapper around ``Dispatcher.send``) and the rest
-(Redis to the handler's start: the worker's part). Nothing here asserts a speed.
+split in two, event by event: the app's part (emit to its batch being in Redis:
+the sender's send returned, noted by a wrapper around ``Dispatcher.send``) and the
+rest (Redis to the handler's start: the worker's part). Nothing here asserts a speed.
 
 The receiver notes its lag with one append to a local file (``--report file``,
 the default), read at the end of each rate, so the benchmark measures
@@ -88,13 +88,14 @@ def reported(conn: redis.Redis) -> int:
     return int(conn.llen(lag_app.LAGS))
 
 
-def lags_ms(conn: redis.Redis) -> list[float]:
+def lags_ms(conn: redis.Redis) -> dict[str, float]:
+    """Event id -> ms from its emit to its handler's start."""
     if lag_app.LAG_FILE:
         with open(lag_app.LAG_FILE, "rb") as f:
-            values = f.read().split()
+            lines = f.read().splitlines()
     else:
-        values = conn.lrange(lag_app.LAGS, 0, -1)
-    return sorted(float(x) * 1000 for x in values)
+        lines = conn.lrange(lag_app.LAGS, 0, -1)
+    return {event_id.decode(): float(lag) * 1000 for lag, event_id in (line.split() for line in lines)}
 
 
 def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]:
@@ -122,12 +123,15 @@ def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]
             raise SystemExit(f"at {rate}/s not every event ran: {reported(conn)} of {total}")
         time.sleep(0.001)
     finished = time.perf_counter()
-    lags = lags_ms(conn)
+    by_event = lags_ms(conn)
+    lags = sorted(by_event.values())
     app_part = sorted(x * 1000 for x in SENT.values())
+    worker_part = sorted(lag - SENT[event_id] * 1000 for event_id, lag in by_event.items() if event_id in SENT)
     return {
         "events": total, "reached": total / (emitted - start), "p50": percentile(lags, 0.5),
         "p99": percentile(lags, 0.99), "max": lags[-1], "tail_s": finished - emitted,
         "app_p50": percentile(app_part, 0.5), "app_p99": percentile(app_part, 0.99),
+        "worker_p50": percentile(worker_part, 0.5), "worker_p99": percentile(worker_part, 0.99),
         "per_job": total / max(1, JOBS[0]),
     }
 
@@ -162,10 +166,11 @@ def main() -> int:
         server.stop()
         shutil.rmtree(LAG_FILE.parent, ignore_errors=True)
     print(f"\n{'rate/s':>8} {'reached/s':>10} {'events':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'drain after s':>14} {'app p50':>8} {'app p99':>8} {'events/job':>11}")
+          f"{'drain after s':>14} {'app p50':>8} {'app p99':>8} {'wkr p50':>8} {'wkr p99':>8} {'events/job':>11}")
     for rate, r in rows:
         print(f"{rate:8.0f} {r['reached']:10.0f} {r['events']:7.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
-              f"{r['max']:8.2f} {r['tail_s']:14.3f} {r['app_p50']:8.2f} {r['app_p99']:8.2f} {r['per_job']:11.1f}")
+              f"{r['max']:8.2f} {r['tail_s']:14.3f} {r['app_p50']:8.2f} {r['app_p99']:8.2f} {r['worker_p50']:8.2f} "
+              f"{r['worker_p99']:8.2f} {r['per_job']:11.1f}")
     print(f"\none app process (this one), one worker (--logging-level {args.logging_level}); lags noted "
           f"by {'a local file' if lag_app.LAG_FILE else 'RPUSH to Redis'}; {PER_REQUEST} emits per request; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")

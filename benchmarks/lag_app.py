@@ -18,7 +18,7 @@ import redis
 from blinker import Namespace
 from flask import Flask
 
-from signal_queue import SignalQueue, deferred
+from signal_queue import SignalQueue, current_event, deferred
 
 URL = os.environ.get("SIGNAL_QUEUE_REDIS_URL", "redis://127.0.0.1:6379/0")
 LAGS = "bench:lag"
@@ -32,17 +32,18 @@ _conn = redis.Redis.from_url(URL)
 _out: tuple[int, int] | None = None  # (pid, fd): the handler process opens its own
 
 
-def _note(lag: float) -> None:
+def _note(lag: float, event_id: str) -> None:
     global _out
+    line = b"%.7f %s" % (lag, event_id.encode())
     if not LAG_FILE:
-        _conn.rpush(LAGS, lag)
+        _conn.rpush(LAGS, line)
         return
     if _out is None or _out[0] != os.getpid():
         _out = (os.getpid(), os.open(LAG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600))
-    os.write(_out[1], b"%.7f\n" % lag)  # one line per write: appends from any process stay whole
+    os.write(_out[1], line + b"\n")  # one line per write: appends from any process stay whole
 
 
 @deferred(tick)
 def on_tick(sender: Any, sent_at: float) -> None:
-    """Handler start minus the emit's own clock reading (same host, same clock)."""
-    _note(time.time() - sent_at)
+    """Handler start minus the emit's own clock reading (same host, same clock), with the event's id."""
+    _note(time.time() - sent_at, current_event.id)

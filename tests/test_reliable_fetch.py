@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 import redis
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.serializers import JSONSerializer
 
 from devtools.redis_process import RedisProcess
 from devtools.redis_proxy import CutRule, RedisProxy
@@ -209,6 +212,60 @@ def test_job_of_a_taker_killed_before_the_reply_runs_within_the_abandoned_bound(
 
 
 @pytest.mark.parametrize("queues", [2, 1])
+def test_job_started_by_the_take_of_a_worker_killed_before_the_reply_runs_once_as_attempt_2(
+    tmp_path: Path, queues: int
+) -> None:
+    """The take that hands a worker its job also starts it. Killed before the reply arrives, the worker leaves
+    a job that RQ reads as started by it (status, started registry, its execution); RQ's clean-up of abandoned
+    jobs queues it again, and a second worker runs it once, as its second attempt (the first began)."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    cut: dict[str, Any] = {}
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        return not cut and taken_job(command, reply) is not None
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        victim[0].kill()
+        victim[0].wait()
+        queue_key = reply[0] if isinstance(reply, list) else command[1]  # a script's reply, or a blocking move's
+        cut.update(job=str(taken_job(command, reply)), queue=queue_key.decode().removeprefix("rq:queue:"),
+                   at=time.time())
+
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    first = start_worker(proxy.url, log, queues, "fetch-victim")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        wait_until("the cut", lambda: bool(cut), 30)
+        job = Job.fetch(cut["job"], connection=conn, serializer=JSONSerializer)
+        assert job.get_status() == JobStatus.STARTED and job.worker_name == "fetch-victim", "started by the take"
+        assert cut["job"] in StartedJobRegistry(cut["queue"], connection=conn).get_job_ids()
+        assert conn.lpos(f"rq:queue:{cut['queue']}:intermediate", cut["job"]) is None, "not left taken, unstarted"
+        assert conn.hget(job.key, "sq_attempts") == b"1"
+        second = start_worker(server.url, log, queues, "fetch-rescuer")
+        lost, twice, rows = outcome(log, 4, deadline=30, url=server.url)
+        ran = [row for row in rows if row[4] == cut["job"]]
+        print(f"\ntaker killed as its take started the job ({queues} queue(s)): events lost {lost}, run twice {twice}, "
+              f"the job ran after {round(float(ran[0][5]) - cut['at'], 2) if ran else None} s as attempt "
+              f"{ran[0][3] if ran else None}")
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+        assert [row[3] for row in ran] == ["2"], "run once, as its second attempt"
+        assert float(ran[0][5]) - cut["at"] < ABANDONED_AFTER + MAINTENANCE_INTERVAL + 3
+        assert not conn.zcard(f"rq:wip:{cut['queue']}"), "nothing left started"
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
 def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Path, queues: int) -> None:
     """SIGTERM reaches an idle worker just as its take's reply is lost (a deploy): the job is not lost."""
     server = RedisProcess()
@@ -246,6 +303,47 @@ def test_worker_stopped_as_redis_hands_it_a_job_gives_the_job_back(tmp_path: Pat
         assert held == 0, "nothing left taken by the stopped worker"
         assert lost == 0, f"{lost} event(s) lost"
         assert twice == 0, f"{twice} event(s) run twice"
+    finally:
+        stop(*(p for p in (first, second) if p is not None))
+        proxy.close()
+        server.kill()
+
+
+@pytest.mark.parametrize("queues", [2, 1])
+def test_sigterm_as_redis_hands_a_worker_its_job_runs_every_event_once(tmp_path: Path, queues: int) -> None:
+    """SIGTERM reaches the worker just as the reply of its take (which started the job) comes back, and
+    is read: whether the job went to the handler process before the stop or not, each event runs once,
+    and nothing is left taken or started."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    victim: list[subprocess.Popen[bytes]] = []
+    signalled: list[str] = []
+
+    def observe(command: list[bytes], reply: Any) -> bool:
+        job_id = taken_job(command, reply)
+        if job_id is not None and not signalled:
+            signalled.append(job_id)
+            victim[0].send_signal(signal.SIGTERM)
+        return False  # nothing is cut: the worker reads the reply
+
+    proxy = RedisProxy(server.port, CutRule(observe, lambda command, reply: None))
+    first = start_worker(proxy.url, log, queues, "fetch-stopped")
+    victim.append(first)
+    second = None
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 4, queues)
+        assert first.wait(timeout=30) == 0, "the worker stopped on SIGTERM"
+        assert not any(conn.zcard(k) for k in conn.scan_iter("rq:wip:*")), "nothing left started by the stopped worker"
+        second = start_worker(server.url, log, queues, "fetch-next")
+        lost, twice, rows = outcome(log, 4, deadline=20, url=server.url)
+        print(f"\nSIGTERM on the take's reply ({queues} queue(s)): events lost {lost}, run twice {twice}; the job "
+              f"{'ran before the stop' if any(r[4] == signalled[0] and r[3] == '1' for r in rows) else 'went back'}")
+        assert lost == 0, f"{lost} event(s) lost"
+        assert twice == 0, f"{twice} event(s) run twice"
+        assert all(row[3] == "1" for row in rows), "no event counted a start that did not run it"
     finally:
         stop(*(p for p in (first, second) if p is not None))
         proxy.close()

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib
 import inspect
+import json
+import random
+import sys
 import threading
 import time
 from typing import Any
@@ -13,14 +17,26 @@ from typing import Any
 import pytest
 import redis
 import rq
-from rq import Queue
-from rq.executions import Execution
-from rq.job import JobStatus
+from rq import Queue, Worker
+from rq.executions import Execution, ExecutionRegistry
+from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
+from rq.utils import utcformat
 
 from signal_queue import SignalQueue
 from signal_queue.consumer.job import SignalJob
-from signal_queue.consumer.rq_compat import CHECKED_RQ, MAINTENANCE_LOCK_TTL, MIRRORED, CompatQueue, rq_version_checked
+from signal_queue.consumer.rq_compat import (
+    _LUA_COMMON,
+    CHECKED_RQ,
+    MAINTENANCE_LOCK_TTL,
+    MIRRORED,
+    CompatQueue,
+    Starter,
+    parse_rq_time,
+    rq_version_checked,
+)
+from signal_queue.consumer.run import use_runner
 from signal_queue.consumer.worker import SignalWorker, build_worker
 from tests.conftest import drain, wait_until
 from tests.misc_app import create_app, misc
@@ -228,3 +244,251 @@ def test_deleting_a_finished_job_reads_its_status_and_executions_once(conn: redi
     assert reads == {"zrange": 1, "hgetall": 1, "hget": 1}
     assert not conn.exists(job.key, execution.key, f"rq:executions:{job.id}")
     assert conn.zcard(queue.started_job_registry.key) == 0
+
+
+def signal_worker(redis_url: str) -> SignalWorker:
+    """A worker of the default queue that takes jobs as its loop does (nothing noted from an earlier test)."""
+    worker = build_worker(SignalQueue.state(create_app()).consumer, ["signals"], url=redis_url)
+    assert isinstance(worker, SignalWorker)
+    worker.register_birth()
+    CompatQueue.taken = CompatQueue.started = CompatQueue.read = None
+    return worker
+
+
+def starter_of(worker: SignalWorker) -> Starter:
+    return Starter(worker.name, worker.key, worker.executions_key, worker.heartbeat_ttl)
+
+
+def start_as_rq_reads_it(conn: redis.Redis, worker: SignalWorker, job: Job, execution: Execution) -> dict[str, Any]:
+    """A started job as RQ (rq info, rq-dashboard, its registries) and the worker read it; ids and times
+    replaced by whether they are what they should be."""
+    now = time.time()
+    ttl = worker.heartbeat_ttl
+    fields = conn.hgetall(job.key)
+    composite = f"{job.id}:{execution.id}"
+    executions = [e.id for e in ExecutionRegistry(job.id, connection=conn).get_executions()]
+    stored = Execution.fetch(execution.id, job.id, connection=conn)
+    started_at = parse_rq_time(fields[b"started_at"]).timestamp()
+    wip = conn.zscore(StartedJobRegistry("signals", connection=conn).key, composite)
+    registry = conn.zscore(f"rq:executions:{job.id}", execution.id)
+    return {
+        "job fields": sorted(fields),
+        "status": fields[b"status"],
+        "worker_name is the worker's": fields[b"worker_name"] == worker.name.encode(),
+        "started_at is now": abs(started_at - now) < 5,
+        "last_heartbeat is started_at": fields[b"last_heartbeat"] == fields[b"started_at"],
+        "attempts": fields[b"sq_attempts"],
+        "job key lives on": conn.ttl(job.key),
+        "status read by RQ": Job.fetch(job.id, connection=conn, serializer=JSONSerializer).get_status(),
+        "in RQ's started registry": job.id in StartedJobRegistry("signals", connection=conn).get_job_ids(),
+        "started registry score": wip is not None and abs(wip - now - ttl) <= 2,
+        "executions read by RQ are this one": executions == [execution.id],
+        "execution registry score": registry is not None and abs(registry - now - ttl - 60) <= 2,
+        "execution registry ttl": 0 < conn.ttl(f"rq:executions:{job.id}") <= ttl + 60,
+        "execution fields": sorted(conn.hgetall(execution.key)),
+        "execution's worker and job": (stored.worker_name, stored.job_id) == (worker.name, job.id),
+        "execution created now": abs(stored.created_at.timestamp() - now) < 5
+        and abs(stored.last_heartbeat.timestamp() - now) < 5,
+        "execution ttl": 0 < conn.ttl(execution.key) <= ttl,
+        "in the worker's executions": conn.sismember(worker.executions_key, composite),
+        "worker executions ttl": 0 < conn.ttl(worker.executions_key) <= ttl,
+        "worker's state read by RQ": Worker.find_by_key(worker.key, connection=conn).get_state(),  # type: ignore[union-attr]
+        "worker key ttl": 0 < conn.ttl(worker.key) <= ttl,
+        "taken and not started": conn.lpos("rq:queue:signals:intermediate", job.id) is not None
+        or conn.zscore("sq:taken:signals", job.id) is not None,
+        "status in the worker": job.get_status(refresh=False),
+        "worker_name in the worker": job.worker_name == worker.name,
+        "execution in the worker": worker.executions.get(execution.id) is execution,
+        "execution id in the worker": execution.composite_key == composite,
+    }
+
+
+def test_the_take_starts_the_job_as_rqs_own_start_transaction_does(redis_url: str, conn: redis.Redis) -> None:
+    """The take that hands a worker its job also starts it, in the same script: the job, its execution,
+    the registries and the worker read as after RQ's start transaction, and starting it then costs nothing."""
+    enqueue(conn, "signals", "a")
+    enqueue(conn, "signals", "b")
+    worker = signal_worker(redis_url)
+    # RQ's own start: a take that only takes (no worker asked it to start), then the start transaction.
+    taken = CompatQueue.dequeue_any(
+        worker.queues, None, connection=conn, job_class=SignalJob, serializer=JSONSerializer
+    )
+    assert taken is not None and conn.hget(taken[0].key, "status") == b"queued"
+    by_transaction = start_as_rq_reads_it(conn, worker, taken[0], worker._start(taken[0]))
+    # The worker's own take, from its loop.
+    got = worker.dequeue_job_and_maintain_ttl(None)
+    assert got is not None and got[0].id != taken[0].id
+    job = got[0]
+    assert conn.hget(job.key, "status") == b"started", "started by the take itself"
+    assert job.attempt == 1, "the job's attempt is read before the take counted its start"
+    conn.config_resetstat()
+    execution = worker._start(job)
+    assert not {k for k in conn.info("commandstats") if not k.startswith("cmdstat_config")}, "the start sent nothing"
+    by_take = start_as_rq_reads_it(conn, worker, job, execution)
+    assert by_take == by_transaction
+    assert by_take["status"] == b"started" and by_take["attempts"] == b"1"
+    assert by_take["executions read by RQ are this one"] and by_take["in RQ's started registry"]
+    assert by_take["worker's state read by RQ"] == "busy" and not by_take["taken and not started"]
+
+
+def test_lua_times_are_rqs_utcformat(conn: redis.Redis) -> None:
+    """The start the take writes formats Redis's clock as RQ's utcformat does (leap days, centuries, ends of years)."""
+    script = _LUA_COMMON + "return utc(tonumber(ARGV[1]), tonumber(ARGV[2]))"
+    chosen = [0, 59, 86399, 86400, 951782399, 951782400, 951868800, 978307199, 1709164800, 1735689599,
+              1795631728, 4107542399, 4107542400, 4102444800, 253402300799]
+    rng = random.Random(13)
+    for seconds in chosen + [rng.randrange(0, 253402300800) for _ in range(300)]:
+        micros = rng.randrange(0, 1_000_000)
+        expected = utcformat(dt.datetime.fromtimestamp(seconds, dt.timezone.utc).replace(microsecond=micros))
+        assert conn.eval(script, 0, seconds, micros).decode() == expected, seconds
+
+
+def test_a_starting_take_whose_reply_was_lost_hands_the_job_again_started_once(
+    redis_url: str, conn: redis.Redis
+) -> None:
+    """A take that started its job and whose reply never arrived: asked again, it hands the same job over,
+    with its lost start undone (no stray execution left to look abandoned) and the start counted once."""
+    first, second = enqueue(conn, "signals", "a"), enqueue(conn, "signals", "b")
+    worker = signal_worker(redis_url)
+    CompatQueue.starter = starter_of(worker)
+    try:
+        lost = CompatQueue._take(conn, worker.queues, hold=False)  # ...and its reply never arrives
+    finally:
+        CompatQueue.starter = None
+    assert lost is not None
+    assert conn.hget(f"rq:job:{first}", "status") == b"started" and conn.zcard("rq:wip:signals") == 1
+    got = worker.dequeue_job_and_maintain_ttl(None)
+    assert got is not None and got[0].id == first
+    started = CompatQueue.started
+    assert started is not None and started.job_id == first
+    assert [m.decode() for m in conn.zrange("rq:wip:signals", 0, -1)] == [f"{first}:{started.execution_id}"]
+    assert conn.smembers(worker.executions_key) == {f"{first}:{started.execution_id}".encode()}
+    assert len(list(conn.scan_iter("rq:execution:*"))) == 1, "the lost start's execution is gone"
+    assert conn.hget(f"rq:job:{first}", "sq_attempts") == b"1" and got[0].attempt == 1
+    assert conn.lrange("rq:queue:signals", 0, -1) == [second.encode()], "the next job is still queued"
+
+
+def test_release_puts_back_a_job_its_take_started_and_nobody_read(redis_url: str, conn: redis.Redis) -> None:
+    """A worker stopped while its take's reply is on its way: the job the take started goes back to the
+    front of its queue, reading as queued and never started."""
+    taken, queued = enqueue(conn, "signals", "taken"), enqueue(conn, "signals", "queued")
+    worker = signal_worker(redis_url)
+    [queue] = worker.queues
+    CompatQueue.starter = starter_of(worker)
+    try:
+        assert CompatQueue._take(conn, [queue], hold=False) is not None  # the reply was never read
+    finally:
+        CompatQueue.starter = None
+    assert conn.hget(f"rq:job:{taken}", "status") == b"started"
+    assert CompatQueue.release(conn, [queue]) == 1
+    assert [j.decode() for j in conn.lrange(queue.key, 0, -1)] == [taken, queued]
+    job = Job.fetch(taken, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.QUEUED and conn.hget(job.key, "sq_attempts") == b"0"
+    assert conn.zcard("rq:wip:signals") == 0 and not list(conn.scan_iter("rq:execution*"))
+    assert conn.scard(worker.executions_key) == 0 and conn.zcard("sq:taken:signals") == 0
+    assert conn.llen(queue.intermediate_queue_key) == 0
+
+
+def test_job_started_by_its_take_and_never_run_goes_back_at_once(redis_url: str, conn: redis.Redis) -> None:
+    """Stopped (or cut off from Redis) after its take started a job and before the job reached its
+    handlers, the worker puts it back at the front of its queue, unstarted, not after the abandoned bound."""
+    job_id = enqueue(conn, "signals", "a")
+    worker = signal_worker(redis_url)
+    got = worker.dequeue_job_and_maintain_ttl(None)
+    assert got is not None and got[0].id == job_id and conn.hget(got[0].key, "status") == b"started"
+    worker._start(got[0])
+    assert worker.return_untaken_job() == job_id
+    assert conn.lrange("rq:queue:signals", 0, -1) == [job_id.encode()]
+    assert Job.fetch(job_id, connection=conn, serializer=JSONSerializer).get_status() == JobStatus.QUEUED
+    assert conn.hget(f"rq:job:{job_id}", "sq_attempts") == b"0"
+    assert conn.zcard("rq:wip:signals") == 0 and not list(conn.scan_iter("rq:execution*"))
+    assert worker.return_untaken_job() is None, "nothing left to return"
+
+
+def test_a_job_reads_its_times_as_rq_does_without_strptime(conn: redis.Redis) -> None:
+    """Loading a job gives the times RQ's own restore gives (also RQ's older form without microseconds),
+    without strptime, which was the largest part of loading a job in the worker."""
+    job_id = enqueue(conn, "signals", "a")
+    key = f"rq:job:{job_id}"
+    conn.hset(key, mapping={"started_at": "2026-11-25T18:00:00.123456Z", "ended_at": "2026-11-25T18:00:01.000001Z",
+                            "last_heartbeat": "2026-11-25T18:00:00.500000Z"})
+    times = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+    strptime: list[str] = []
+
+    def note(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "_strptime":
+            strptime.append(frame.f_code.co_filename)
+
+    ours = SignalJob(job_id, connection=conn, serializer=JSONSerializer)
+    raw = conn.hgetall(key)
+    sys.setprofile(note)
+    try:
+        ours.restore(raw)
+    finally:
+        sys.setprofile(None)
+    rqs = Job(job_id, connection=conn, serializer=JSONSerializer)
+    rqs.restore(raw)
+    assert {t: getattr(ours, t) for t in times} == {t: getattr(rqs, t) for t in times}
+    assert all(getattr(ours, t).tzinfo is not None for t in times)
+    assert not strptime, "the times were read without strptime"
+    conn.hset(key, "ended_at", "2026-11-25T18:00:01Z")  # RQ's older form: read by RQ's own parser
+    older = SignalJob(job_id, connection=conn, serializer=JSONSerializer)
+    older.restore(conn.hgetall(key))
+    assert older.refusal is None and older.ended_at == dt.datetime(2026, 11, 25, 18, 0, 1, tzinfo=dt.timezone.utc)
+
+
+def test_a_first_attempt_reaches_its_handler_before_rqs_bookkeeping_and_starts_once(
+    redis_url: str, conn: redis.Redis
+) -> None:
+    """A job its take started goes to the handler process as soon as it is loaded, before RQ logs it
+    and runs its bookkeeping (execute_job); the job function then follows it: the event runs once,
+    the job starts once, and nothing is left started."""
+    job_id = enqueue(conn, "signals", "early")
+    worker = signal_worker(redis_url)
+    worker.get_redis_server_version()  # RQ's one look, made at the first job
+    worker.handlers.start()
+    use_runner(worker.handlers)
+    try:
+        got = worker.dequeue_job_and_maintain_ttl(None)
+        assert got is not None and got[0].id == job_id
+        wait_until("the handler to run the event before execute_job", lambda: conn.llen("sq:test:records") == 1, 10)
+        assert conn.hget(f"rq:job:{job_id}", "sq_attempts") == b"1"
+        worker.execute_job(*got)
+    finally:
+        use_runner(None)
+        worker.handlers.close()
+        worker.close_heartbeats()
+    [record] = [json.loads(r) for r in conn.lrange("sq:test:records", 0, -1)]
+    assert record["kwargs"] == {"value": "early"} and record["attempt"] == 1
+    assert not conn.exists(f"rq:job:{job_id}"), "finished (its result is not kept)"
+    assert conn.zcard("rq:wip:signals") == 0 and not list(conn.scan_iter("rq:execution*")), "started once, ended once"
+    assert conn.scard(worker.executions_key) == 0
+
+
+@pytest.mark.parametrize("by", ["take", "release"])
+@pytest.mark.parametrize("known", ["marks", "read"])
+def test_a_job_cut_short_after_it_ran_is_never_handed_again_as_a_first_attempt(
+    redis_url: str, conn: redis.Redis, known: str, by: str
+) -> None:
+    """A job its take started, which ran, and whose end a Redis fault cut short (the worker restarts in the same
+    process), stays started for RQ's clean-up of abandoned jobs, which runs it again reading its done marks. The
+    next take of the process, or its release, does not undo its start as that of a take whose reply was lost
+    (that would run its events again as a first attempt). It knows by the job's done marks, or else because
+    the process read the job."""
+    first, second = enqueue(conn, "signals", "a"), enqueue(conn, "signals", "b")
+    worker = signal_worker(redis_url)
+    got = worker.dequeue_job_and_maintain_ttl(None)
+    assert got is not None and got[0].id == first
+    if known == "marks":
+        conn.hset(f"rq:job:{first}", "sq_done", ",0")  # its event ran and was marked done
+        CompatQueue.read = None  # ...even if the process forgot it
+    CompatQueue.taken = CompatQueue.started = None  # run_worker's return_untaken_job after the fault
+    if by == "take":
+        again = worker.dequeue_job_and_maintain_ttl(None)
+        assert again is not None and again[0].id == second, "the next job, not the one cut short"
+    else:
+        assert CompatQueue.release(conn, worker.queues) == 0, "a stop does not put it back"
+        assert conn.lrange("rq:queue:signals", 0, -1) == [second.encode()]
+    job = Job.fetch(first, connection=conn, serializer=JSONSerializer)
+    assert job.get_status() == JobStatus.STARTED and conn.hget(job.key, "sq_attempts") == b"1"
+    assert first in StartedJobRegistry("signals", connection=conn).get_job_ids()

@@ -113,6 +113,9 @@ class HandlerProcess:
         self._stop = mmap.mmap(-1, 1)
         self._stop_at: float | None = None
         self._timeouts: dict[tuple[str, str], int] = {}
+        #: A job's events sent before its job function runs (see :meth:`send_early`): the job id,
+        #: the events and when they were sent.
+        self._early: tuple[str, list[tuple[int, Any]], float] | None = None
 
     def start(self) -> None:
         """Fork the handler process, if none runs, from this already loaded worker."""
@@ -161,6 +164,38 @@ class HandlerProcess:
 
     # -- running events -------------------------------------------------------------
 
+    def send_early(self, job_id: str, origin: str, items: list[tuple[int, Any]], requests: Any) -> bool:
+        """Send a job's events now, before RQ's bookkeeping reaches its job function: the job must be
+        started in Redis already (its take started it) and have passed the allow-list. The job
+        function's :meth:`run` then follows them instead of sending them. False if they were not sent.
+        """
+        if self._stop[0] or self._early is not None:
+            return False
+        # Noted before the write: if anything interrupts it, the events may have gone.
+        self._early = (job_id, items, time.monotonic())
+        try:
+            sent_at = self._send((1, items, requests, (job_id, origin)))
+        except OSError:
+            self._early = None  # the handler process cannot be started or fed now: run() tries again
+            return False
+        self._early = (job_id, items, sent_at)
+        return True
+
+    def holds_early(self) -> bool:
+        """True if a job's events were sent early (or may have been) and no job function followed them yet."""
+        return self._early is not None
+
+    def drop_early(self) -> None:
+        """The job ended without its job function following the events sent early (a bug, or an error
+        in RQ's bookkeeping before it): what the handler process does with them is unknown, so it goes."""
+        if self._early is None:
+            return
+        logger.error("signal_queue: job %s was sent to the handler process and never followed; "
+                     "the handler process is ended", self._early[0])
+        self._early = None
+        self._end()
+        self._forget()
+
     def run(
         self,
         consumer: Consumer,
@@ -171,13 +206,23 @@ class HandlerProcess:
     ) -> Unfinished | None:
         """Run ``items`` in the handler process, one fresh process after each crash or kill."""
         pending = list(items)
+        early, self._early = self._early, None
         try:
+            current = get_current_job()
+            job = None if current is None else (current.id, current.origin)
+            if early is not None and not (job is not None and early[0] == job[0] and _same(early[1], pending)):
+                self._early = early
+                self.drop_early()
+                early = None
             while pending:
-                if self._stop[0]:
-                    return Unfinished(pending, cut=False)
-                current = get_current_job()
-                job = None if current is None else (current.id, current.origin)
-                sent_at = self._send((attempt, pending, requests, job))
+                if early is not None:
+                    # Sent before this job function ran (send_early): the handler process decides
+                    # about a stop itself, before each event.
+                    sent_at, early = early[2], None
+                else:
+                    if self._stop[0]:
+                        return Unfinished(pending, cut=False)
+                    sent_at = self._send((attempt, pending, requests, job))
                 pending, left = self._follow(pending, sent_at, attempt, settle)
                 if left is not None:
                     return left if left.items else None
@@ -448,6 +493,11 @@ def _answer(fd: int, outcome: Outcome) -> None:
     data = _RECORD.pack(_CODES[outcome.kind], outcome.index, outcome.seconds, outcome.finished_at, len(extra)) + extra
     while data:  # a pipe may take a long failure text in parts
         data = data[os.write(fd, data) :]
+
+
+def _same(sent: list[tuple[int, Any]], items: list[tuple[int, Any]]) -> bool:
+    """True if ``items`` are the events ``sent`` (the same indexes and payload objects)."""
+    return len(sent) == len(items) and all(a[0] == b[0] and a[1] is b[1] for a, b in zip(sent, items, strict=True))
 
 
 def _name(payload: Any) -> str:

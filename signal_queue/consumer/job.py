@@ -58,8 +58,10 @@ class SignalJob(CompatJob):
         return self._sq_attempts + 1
 
     def load(self, fields: dict[str, Any]) -> Any:
-        problems = [f"field {name!r} {problem}" for name, problem in _field_problems(fields)]
-        clean = {name: value for name, value in fields.items() if name in _FIELDS and not _FIELDS[name](value)}
+        found = _field_problems(fields)
+        problems = [f"field {name!r} {problem}" for name, problem in found]
+        wrong = {name for name, _ in found}
+        clean = {name: value for name, value in fields.items() if name not in wrong}
         clean.setdefault("data", b"")
         result = self.load_checked(clean)
         attempts = clean.get(ATTEMPT_FIELD)
@@ -262,14 +264,14 @@ def _event_limits(job: Job, consumer: Consumer) -> tuple[int, int]:
     events = job.args[0] if job.func_name == RUN_EVENTS else [job.args[0]]
     if not isinstance(events, list):
         return 0, 0
-    longest = max([consumer.default_timeout, *(r.timeout or 0 for r in receivers)])
     timeouts, most_retries = [], 0
     for payload in events:
         data = payload if isinstance(payload, dict) else {}
         try:
             receiver = receivers.get(str(data.get("receiver")), str(data.get("signal")))
         except UnknownReceiver:
-            timeouts.append(longest)  # it is rejected when run; this bound only caps the alarm
+            # It is rejected when run; this bound only caps the alarm.
+            timeouts.append(max([consumer.default_timeout, *(r.timeout or 0 for r in receivers)]))
             continue
         timeouts.append(consumer.timeout_of(receiver))
         retry = receiver.retry or consumer.default_retry

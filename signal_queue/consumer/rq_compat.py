@@ -23,11 +23,22 @@ move returns (a dead worker's hold list is emptied by the clean-up, as its
 intermediate entries are). With several queues, one thread per queue waits with ``BLMOVE queue queue
 LEFT LEFT``, which wakes when the queue gets a job and leaves the list as it
 was, and the worker then takes in the queues' order.
+
+The default worker's take also starts the job it takes, in the same script: it
+writes what RQ's start transaction writes (the execution, the started registry,
+the job's status, the worker's state; :meth:`CompatWorker._start`), so a job
+arriving at an idle worker is started in the round trip that hands it over, and
+a job is never taken and not started. The take's record then names the
+execution: a take whose reply was lost undoes that start and hands the job over
+again, and a stopping worker puts such a job back, unstarted. A worker killed
+before it read the reply leaves a started job, which RQ's clean-up of abandoned
+jobs recovers, as when a worker dies running a job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import logging
@@ -38,7 +49,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any, ClassVar, cast
 
@@ -57,7 +70,7 @@ from rq.utils import as_text, current_timestamp, now, str_to_date
 from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
-from ..wire.keys import HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
+from ..wire.keys import ATTEMPT_FIELD, DONE_FIELD, HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
 from ..wire.redis_errors import describe, transient_cause
 from .lifeline import die_with_parent, orphaned
 from .quarantine import entry_text, quarantine
@@ -127,6 +140,20 @@ MIRRORED = {
     "rq.executions.ExecutionRegistry.delete": "dda35779303b2d0c",
     "rq.executions.ExecutionRegistry.cleanup": "8d3debb01fc55a89",
     "rq.executions.Execution.key.fget": "7b80e9ed12a68e2c",  # rq:execution:<job id>:<id>
+    # The start a take writes (_TAKE), and its undoing (_LUA_COMMON unstart), reproduce these writes:
+    "rq.executions.Execution.__init__": "991789894557baba",
+    "rq.executions.Execution.save": "27a9a8461d65ee04",
+    "rq.executions.Execution.serialize": "6ebaef2afef46bd7",
+    "rq.executions.Execution.delete": "8c36e0625109f83b",
+    "rq.executions.Execution.composite_key.fget": "cf43d2d8fe576478",
+    "rq.executions.Execution.worker_executions_key.fget": "b523f4d752876907",
+    "rq.executions.ExecutionRegistry.__init__": "7e6cc59144a7c95f",
+    "rq.executions.ExecutionRegistry.add": "0ee58742c13a130e",
+    "rq.registry.StartedJobRegistry.add_execution": "058aeccefc8e8ea8",
+    "rq.job.Job.heartbeat": "d2b6e131210d4eae",
+    "rq.worker.BaseWorker.executions_key.fget": "e15fdeaca66fbc60",
+    "rq.utils.utcformat": "c29988f57cd73de7",
+    "rq.utils.current_timestamp": "0e518e6dd2617a01",
     # FaultAwareWorker: the loop ends quietly on StopRequested (RedisFault is one); the dequeue
     # loop retries connection errors itself, a line per try (dequeue_job_and_maintain_ttl, above);
     # the calls the loop makes.
@@ -189,6 +216,11 @@ def record_failure_result(job: Job, ttl: int, exc_string: str, pipeline: Any) ->
     Result.create_failure(job, ttl, exc_string, pipeline=pipeline)
 
 
+#: The times a job hash holds, as rq 3.0 ``Job.restore`` reads them (``str_to_date``; a missing
+#: ``created_at`` reads as now, the others as None).
+_JOB_TIMES = ("created_at", "enqueued_at", "started_at", "ended_at", "last_heartbeat")
+
+
 class CompatJob(Job):
     """RQ's Job with the hooks signal_queue needs: loading from a checked hash, and counting starts."""
 
@@ -202,8 +234,16 @@ class CompatJob(Job):
         return self.load_checked(fields)
 
     def load_checked(self, fields: dict[str, Any]) -> Any:
-        """RQ's own parsing of a job hash (rq 3.0 ``Job.restore``)."""
-        return super().restore(fields)
+        """RQ's own parsing of a job hash (rq 3.0 ``Job.restore``), its times read by :func:`parse_rq_time`.
+
+        RQ reads each time with ``strptime`` (``str_to_date``), the largest part of loading a job;
+        :func:`parse_rq_time` reads the form RQ writes directly and gives the same datetimes.
+        """
+        times = {name: fields[name] for name in _JOB_TIMES if fields.get(name)}
+        result = super().restore({name: value for name, value in fields.items() if name not in times})
+        for name, value in times.items():
+            setattr(self, name, parse_rq_time(value))
+        return result
 
     def set_call(self, func_name: str, args: tuple[Any, ...]) -> None:
         """Set the call RQ's logging and bookkeeping read, keeping the stored data as it is
@@ -543,51 +583,165 @@ class _Script:
             return connection.eval(self.source, len(keys), *keys, *args)
 
 
+# Lua helpers the take, the release and the return of an unstarted job share.
+# utc(): a Unix time (seconds, microseconds) as rq 3.0 utcformat writes it (%Y-%m-%dT%H:%M:%S.%fZ),
+# by the civil-from-days algorithm (Redis's Lua has no os.date).
+# unstart(): undo a start written by a take (see _TAKE), so the job reads as taken and not
+# started: its execution and the entries RQ keeps of it deleted (rq 3.0 Execution.delete), its status
+# "queued" and its start no longer counted. Fields the start set (started_at, worker_name,
+# last_heartbeat) stay, as RQ leaves them on a job it retries.
+_LUA_COMMON = r"""
+local function utc(sec, usec)
+  local days = math.floor(sec / 86400)
+  local rem = sec - days * 86400
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524) - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local day = doy - math.floor((153 * mp + 2) / 5) + 1
+  local month = mp < 10 and mp + 3 or mp - 9
+  local year = yoe + era * 400 + (month <= 2 and 1 or 0)
+  return string.format('%04d-%02d-%02dT%02d:%02d:%02d.%06dZ', year, month, day,
+    math.floor(rem / 3600), math.floor((rem % 3600) / 60), rem % 60, usec)
+end
+local function split(text)
+  local parts = {}
+  for part in string.gmatch(text, '[^\n]+') do parts[#parts + 1] = part end
+  return parts
+end
+-- Add step to a job's count of starts. Nothing in a job hash is trusted, and a script that fails
+-- half-way keeps what it wrote: a count that is not a whole number is left as it is (the worker
+-- refuses such a job, and never counted its start).
+local function count(job, field, step)
+  local text = redis.call('HGET', job, field) or '0'
+  local n = string.match(text, '^%s*%+?%d+%s*$') and tonumber(text)
+  if n and n < 1e15 then
+    redis.call('HSET', job, field, string.format('%d', math.max(n + step, 0)))
+  end
+end
+-- True if a start by this taker (named by its record) may be undone: it is still registered, the
+-- process does not know the job (ARGV 'known': the job it read and did not finish, which a fault
+-- may have cut short), and no event of it is marked done (it never ran).
+local function undoable(prefixes, wip, id, exec, known)
+  return id ~= known and redis.call('ZSCORE', wip, id .. ':' .. exec)
+    and (redis.call('HGET', prefixes.job .. id, prefixes.done) or '') == ''
+end
+local function unstart(prefixes, wip, id, exec, worker_executions)
+  local composite = id .. ':' .. exec
+  redis.call('DEL', prefixes.execution .. composite)
+  redis.call('ZREM', wip, composite)
+  redis.call('ZREM', prefixes.executions .. id, exec)
+  redis.call('SREM', worker_executions, composite)
+  count(prefixes.job .. id, prefixes.attempts, -1)
+  redis.call('HSET', prefixes.job .. id, 'status', 'queued')
+end
+"""
+
 # The front of a queue is its left end: RQ pushes at_front jobs with LPUSH and takes from the
 # left, into the right end of the intermediate list (rq 3.0 Queue.lmove). The job hash comes
-# back in the same reply (rq 3.0 Job.refresh is HGETALL), with the key's type: a job id whose
-# hash is missing, or of another type, is quarantined by the caller, not dropped.
-# KEYS: this process's taker record, the holders set of the first queue, then per queue in
-# order: the queue, its intermediate list, its taken set, this process's hold list of it.
+# back in the same reply (rq 3.0 Job.refresh is HGETALL, read before the start below writes), with
+# the key's type: a job id whose hash is missing, or of another type, is quarantined by the
+# caller, not dropped.
+# KEYS: this process's taker record, the holders set of the first queue, the worker's hash and its
+# executions set (when the take starts the job), then per queue in order: the queue, its
+# intermediate list, its taken set, this process's hold list of it, its started registry.
 # ARGV: (unused: was the client's clock), seconds the record lives, the job key prefix, this
-# taker's id if it will block on the first queue when there is nothing to take (else '').
+# taker's id if it will block on the first queue when there is nothing to take (else ''); then, for
+# a take that also starts the job (else ''): the new execution's id, the worker's name, the
+# heartbeat TTL, the key prefixes of executions and of a job's execution registry, the attempts
+# field; last, the job this process already knows it took ('' if none).
 # The time of a take is Redis's clock (TIME), as the clean-up reads it (recover_taken): a take
 # sent behind a blocking wait, in the same write, runs when the wait ends.
-_TAKE = _Script(r"""
+#
+# A take that starts the job writes what CompatWorker._start's transaction wrote after it, the
+# same keys and values (rq 3.0 executions.prepare_execution then BaseWorker.prepare_job_execution:
+# Execution.create, BaseWorker.set_state, BaseWorker.heartbeat, Job.heartbeat,
+# Job.prepare_for_execution, and the start counted in the job's attempts field), with Redis's
+# clock for the worker's: the job is never taken and not started, and its start costs no round
+# trip. Its record then also names the execution and the worker's executions set, so that a
+# take whose reply was lost hands the job over again (its lost start undone first) and a stopping
+# worker's release puts it back.
+_TAKE = _Script(_LUA_COMMON + r"""
 local clock = redis.call('TIME')
-local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local sec, usec = tonumber(clock[1]), tonumber(clock[2])
+local now = sec + usec / 1000000
+local starting = ARGV[5] ~= ''
+local prefixes = {job = ARGV[3], execution = ARGV[8], executions = ARGV[9], attempts = ARGV[10], done = ARGV[12]}
 local function answer(queue, id)
   local key = ARGV[3] .. id
   local kind = redis.call('TYPE', key).ok
   if kind == 'hash' then return {queue, id, kind, redis.call('HGETALL', key)} end
   return {queue, id, kind, {}}
 end
+local function start(i, id)
+  local exec, worker, ttl = ARGV[5], ARGV[6], tonumber(ARGV[7])
+  local composite = id .. ':' .. exec
+  local stamp = string.format('%d.%06d', sec, usec)
+  local at = utc(sec, usec)
+  local job = ARGV[3] .. id
+  -- Execution.create: the execution's hash, the job's execution registry, the started registry,
+  -- the worker's executions set
+  redis.call('HSET', ARGV[8] .. composite, 'id', exec, 'job_id', id, 'created_at', stamp,
+    'last_heartbeat', stamp, 'worker_name', worker)
+  redis.call('EXPIRE', ARGV[8] .. composite, ttl)
+  redis.call('ZADD', ARGV[9] .. id, sec + ttl + 60, exec)
+  redis.call('EXPIRE', ARGV[9] .. id, ttl + 60)
+  redis.call('ZADD', KEYS[i + 4], sec + ttl, composite)
+  redis.call('SADD', KEYS[4], composite)
+  redis.call('EXPIRE', KEYS[4], ttl + 60)
+  -- set_state(BUSY), then the worker's heartbeat
+  redis.call('HSET', KEYS[3], 'state', 'busy')
+  redis.call('HSET', KEYS[3], 'last_heartbeat', at)
+  redis.call('EXPIRE', KEYS[3], ttl)
+  redis.call('EXPIRE', KEYS[4], ttl)
+  -- Job.heartbeat, Job.prepare_for_execution, CompatJob.prepare_for_execution, the attempt
+  redis.call('HSET', job, 'last_heartbeat', at, 'status', 'started', 'started_at', at, 'worker_name', worker)
+  redis.call('LREM', KEYS[i + 1], 1, id)
+  redis.call('ZREM', KEYS[i + 2], id)
+  count(job, ARGV[10], 1)
+  redis.call('PERSIST', job)
+end
 local function claim(i, id)
   redis.call('ZADD', KEYS[i + 2], now, id)
-  redis.call('SET', KEYS[1], KEYS[i] .. '\n' .. id, 'EX', ARGV[2])
-  return answer(KEYS[i], id)
+  local reply = answer(KEYS[i], id)
+  -- rq 3.0 JOB_ID_PATTERN; an entry that is no job is quarantined by the caller, never started
+  if starting and reply[3] == 'hash' and string.match(id, '^[A-Za-z0-9_%-]+$') then
+    start(i, id)
+    redis.call('SET', KEYS[1], KEYS[i] .. '\n' .. id .. '\n' .. ARGV[5] .. '\n' .. KEYS[4], 'EX', ARGV[2])
+    reply[5] = {ARGV[5], clock[1], clock[2]}
+  else
+    redis.call('SET', KEYS[1], KEYS[i] .. '\n' .. id, 'EX', ARGV[2])
+  end
+  return reply
 end
 local last = redis.call('GET', KEYS[1])
 if last then
-  local cut = string.find(last, '\n', 1, true)
-  if cut then
-    local queue, id = string.sub(last, 1, cut - 1), string.sub(last, cut + 1)
-    for i = 3, #KEYS, 4 do
-      if KEYS[i] == queue then
-        -- Still in the intermediate list: this process never started it, because the
-        -- reply of its take was lost. Hand it over again rather than another job.
-        if redis.call('LPOS', KEYS[i + 1], id) then return claim(i, id) end
-        break
+  local parts = split(last)
+  local queue, id, exec, worker_executions = parts[1], parts[2], parts[3], parts[4]
+  for i = 5, #KEYS, 5 do
+    if id and KEYS[i] == queue then
+      -- Still in the intermediate list: this process never started it, because the
+      -- reply of its take was lost. Hand it over again rather than another job.
+      if redis.call('LPOS', KEYS[i + 1], id) then return claim(i, id) end
+      -- Started by a take of this process whose reply never arrived (the process does not know
+      -- the job), and not ended or recovered since: undo that start, and hand it over again.
+      if exec and worker_executions and undoable(prefixes, KEYS[i + 4], id, exec, ARGV[11]) then
+        unstart(prefixes, KEYS[i + 4], id, exec, worker_executions)
+        redis.call('RPUSH', KEYS[i + 1], id)
+        return claim(i, id)
       end
+      break
     end
   end
 end
-for i = 3, #KEYS, 4 do
+for i = 5, #KEYS, 5 do
   -- A job this process's blocking wait moved into its hold list (its reply may be lost).
   local id = redis.call('LMOVE', KEYS[i + 3], KEYS[i + 1], 'LEFT', 'RIGHT')
   if id then return claim(i, id) end
 end
-for i = 3, #KEYS, 4 do
+for i = 5, #KEYS, 5 do
   local id = redis.call('LMOVE', KEYS[i], KEYS[i + 1], 'LEFT', 'RIGHT')
   if id then return claim(i, id) end
 end
@@ -596,26 +750,60 @@ return false
 """)
 
 # Put back what a stopping worker may hold without knowing: the job of a take whose reply it
-# never read, and a job its blocking wait moved into its hold list. KEYS: the taker record;
-# ARGV: per queue it serves, the queue, its intermediate list, its taken set, its hold list.
-_RELEASE = _Script(r"""
+# never read (started by that take or not), and a job its blocking wait moved into its hold list.
+# KEYS: the taker record; ARGV: the job key prefix, the key prefixes of executions and of a job's
+# execution registry, the attempts field, then per queue it serves: the queue, its intermediate
+# list, its taken set, its hold list, its started registry.
+_RELEASE = _Script(_LUA_COMMON + r"""
+local prefixes = {job = ARGV[1], execution = ARGV[2], executions = ARGV[3], attempts = ARGV[4], done = ARGV[5]}
+local known = ARGV[6]
 local returned = 0
-for i = 1, #ARGV, 4 do
+for i = 7, #ARGV, 5 do
   while redis.call('LMOVE', ARGV[i + 3], ARGV[i], 'RIGHT', 'LEFT') do returned = returned + 1 end
 end
 local last = redis.call('GET', KEYS[1])
 redis.call('DEL', KEYS[1])
-local cut = last and string.find(last, '\n', 1, true)
-if not cut then return returned end
-local queue, id = string.sub(last, 1, cut - 1), string.sub(last, cut + 1)
-for i = 1, #ARGV, 4 do
-  if ARGV[i] == queue and redis.call('LREM', ARGV[i + 1], 1, id) == 1 then
-    redis.call('ZREM', ARGV[i + 2], id)
-    redis.call('LPUSH', queue, id)
-    return returned + 1
+if not last then return returned end
+local parts = split(last)
+local queue, id, exec, worker_executions = parts[1], parts[2], parts[3], parts[4]
+if not id then return returned end
+for i = 7, #ARGV, 5 do
+  if ARGV[i] == queue then
+    if redis.call('LREM', ARGV[i + 1], 1, id) == 1 then
+      redis.call('ZREM', ARGV[i + 2], id)
+      redis.call('LPUSH', queue, id)
+      return returned + 1
+    end
+    if exec and worker_executions and undoable(prefixes, ARGV[i + 4], id, exec, known) then
+      unstart(prefixes, ARGV[i + 4], id, exec, worker_executions)
+      redis.call('ZREM', ARGV[i + 2], id)
+      redis.call('LPUSH', queue, id)
+      return returned + 1
+    end
   end
 end
 return returned
+""")
+
+# A job whose start its take wrote, and which its worker then did not run (a stop, or Redis lost,
+# before the job reached its handlers): undone and put back at the front of its queue, or, when
+# ARGV[6] is 'intermediate', back in the intermediate list as taken (for the quarantine).
+# KEYS: the queue, its intermediate list, its taken set, its started registry, the worker's
+# executions set; ARGV: the job id, the execution id, the job key prefix, the key prefixes of
+# executions and of a job's execution registry, where it goes, the attempts field.
+_UNSTART = _Script(_LUA_COMMON + r"""
+local prefixes = {job = ARGV[3], execution = ARGV[4], executions = ARGV[5], attempts = ARGV[7]}
+local id = ARGV[1]
+if not redis.call('ZSCORE', KEYS[4], id .. ':' .. ARGV[2]) then return 0 end
+unstart(prefixes, KEYS[4], id, ARGV[2], KEYS[5])
+if ARGV[6] == 'intermediate' then
+  redis.call('RPUSH', KEYS[2], id)
+  redis.call('ZADD', KEYS[3], redis.call('TIME')[1], id)
+else
+  redis.call('ZREM', KEYS[3], id)
+  redis.call('LPUSH', KEYS[1], id)
+end
+return 1
 """)
 
 # A job in the intermediate list (or a dead taker's hold list) past the abandoned-job bound.
@@ -719,6 +907,55 @@ class _QueueWatch:
                         self.cond.notify_all()
 
 
+@dataclass(frozen=True)
+class Starter:
+    """A worker whose takes start the job they take: what the start writes of it."""
+
+    worker_name: str
+    worker_key: str
+    #: The worker's set of executions (rq 3.0 ``BaseWorker.executions_key``).
+    executions_key: str
+    heartbeat_ttl: int
+    #: Called with a job its take started, as soon as it is loaded (before RQ's own bookkeeping of it):
+    #: see :meth:`CompatWorker.started_by_take`.
+    started: Callable[[Job, Queue], None] | None = None
+
+
+@dataclass(frozen=True)
+class StartedInTake:
+    """A job its take also started: the execution the take registered, and when (Redis's clock)."""
+
+    job_id: str
+    queue: Queue
+    execution_id: str
+    at: dt.datetime
+    #: The worker's set of executions, where the start noted the execution.
+    executions_key: str
+    #: True once the job went to what runs it (see :meth:`CompatWorker.started_by_take`): from then
+    #: on it is never put back unstarted.
+    handed: bool = False
+
+
+def _execution_prefixes() -> tuple[str, str]:
+    """The key prefixes of an execution's hash and of a job's execution registry
+    (rq 3.0 ``Execution.key``: ``rq:execution:<job id>:<id>``; ``ExecutionRegistry``: ``rq:executions:<job id>``)."""
+    execution_key = Execution("e", "j", connection=None).key  # type: ignore[arg-type]
+    registry_key = ExecutionRegistry("j", connection=None).key  # type: ignore[arg-type]
+    return execution_key[: -len("j:e")], registry_key[: -len("j")]
+
+
+def unstart(connection: redis.Redis, started: StartedInTake, to: str = "queue") -> bool:
+    """Undo the start a take wrote for a job that never reached its handlers; put it back at the front of
+    its queue (``to="queue"``) or in its intermediate list as taken (``"intermediate"``). False if the
+    start is gone already (ended, or recovered by a clean-up)."""
+    queue = started.queue
+    keys = [queue.key, queue.intermediate_queue_key, TAKEN_KEY.format(queue.name), queue.started_job_registry.key,
+            started.executions_key]
+    args = [started.job_id, started.execution_id, Job.redis_job_namespace_prefix, *_execution_prefixes(), to,
+            ATTEMPT_FIELD]
+    return bool(_UNSTART(connection, keys, args))
+
+
 def _taker_id() -> str:
     """Who took a job: this process (host, pid, and a random part against reused pids)."""
     return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(4).hex()}"
@@ -734,6 +971,15 @@ class CompatQueue(Queue):
     """
 
     taken: ClassVar[tuple[str, Queue] | None] = None
+    #: The worker whose takes also start the job they take (set while its take runs; see :data:`_TAKE`).
+    starter: ClassVar[Starter | None] = None
+    #: The job this process's worker last read from a take, until it finished it: a fault may cut a job
+    #: short, and its start must then stand (RQ's clean-up of abandoned jobs runs it again, reading
+    #: its done marks), not be undone as that of a take whose reply was lost.
+    read: ClassVar[str | None] = None
+    #: The start written by this process's last take, until the job reaches its handlers
+    #: (see :meth:`CompatWorker.return_untaken_job`).
+    started: ClassVar[StartedInTake | None] = None
     #: Seconds a taken job may wait to be started before it goes back to its queue
     #: (SIGNAL_QUEUE_ABANDONED_AFTER, set by the worker); also how long a taker record lives.
     abandoned_after: ClassVar[int] = 30
@@ -788,8 +1034,12 @@ class CompatQueue(Queue):
                 waited = None
                 result = None if reply is None else cls._job_of(reply, connection, job_class, serializer,
                                                                 death_penalty_class)
-                if result is not None:
+                if result is not None and reply is not None:
                     CompatQueue.taken = (result[0].id, result[1])
+                    CompatQueue.read = result[0].id
+                    CompatQueue.started = cls._started_of(reply, result[0].id, result[1])
+                    if CompatQueue.started is not None and cls.starter is not None and cls.starter.started:
+                        cls.starter.started(*result)
                     return result
                 if reply is not None:
                     continue  # that entry was quarantined: take the next
@@ -808,19 +1058,40 @@ class CompatQueue(Queue):
             except BaseException:
                 # A stop signal (RQ raises StopRequested wherever an idle worker is) or a bug
                 # interrupted a take or a wait: a job may be ours although we never read the reply.
-                with contextlib.suppress(redis.RedisError):
-                    cls.release(connection, queues)
+                # One handed to what runs it already stays started (it may be running).
+                if CompatQueue.started is None or not CompatQueue.started.handed:
+                    with contextlib.suppress(redis.RedisError):
+                        cls.release(connection, queues)
                 raise
 
     @classmethod
     def _take_call(cls, queues: Sequence[Queue], hold: bool) -> tuple[list[str], list[Any]]:
-        """The keys and arguments of a take (:data:`_TAKE`) from ``queues``."""
+        """The keys and arguments of a take (:data:`_TAKE`) from ``queues``; it starts the job it takes
+        for :attr:`starter`, if one is set."""
         taker = cls.taker()
-        keys: list[str] = [TAKER_KEY.format(taker), HOLDERS_KEY.format(queues[0].name)]
+        starter = cls.starter
+        keys: list[str] = [TAKER_KEY.format(taker), HOLDERS_KEY.format(queues[0].name),
+                           starter.worker_key if starter else "", starter.executions_key if starter else ""]
         for q in queues:
-            keys += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker)]
+            keys += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker),
+                     q.started_job_registry.key]
         args = ["", max(int(cls.abandoned_after), 1), Job.redis_job_namespace_prefix, taker if hold else ""]
+        if starter is not None:
+            args += [uuid.uuid4().hex, starter.worker_name, starter.heartbeat_ttl]
+        else:
+            args += ["", "", ""]
+        args += [*_execution_prefixes(), ATTEMPT_FIELD, cls.read or "", DONE_FIELD]
         return keys, args
+
+    @classmethod
+    def _started_of(cls, reply: list[Any], job_id: str, queue: Queue) -> StartedInTake | None:
+        """The start a take wrote (the reply's fifth item: execution id, Redis's seconds and
+        microseconds), or None if it only took the job."""
+        if len(reply) < 5 or not reply[4] or cls.starter is None:
+            return None
+        execution_id, seconds, micros = reply[4]
+        at = dt.datetime.fromtimestamp(int(seconds), dt.timezone.utc).replace(microsecond=int(micros))
+        return StartedInTake(job_id, queue, as_text(execution_id), at, cls.starter.executions_key)
 
     @classmethod
     def _take(cls, connection: redis.Redis, queues: Sequence[Queue], hold: bool) -> list[Any] | None:
@@ -865,6 +1136,9 @@ class CompatQueue(Queue):
                 raise
             except Exception as exc:
                 reason = f"its job hash cannot be read: {exc!r}"
+                started = cls._started_of(reply, job_id, queue)
+                if started is not None:  # the take started it: taken again, and not started, for the quarantine
+                    unstart(connection, started, to="intermediate")
         quarantine(connection, queue.intermediate_queue_key, TAKEN_KEY.format(queue.name), queue.name, entry, reason)
         return None
 
@@ -915,9 +1189,11 @@ class CompatQueue(Queue):
         """Put back what this process took and never started (a take whose reply it missed, its
         hold lists), at the front of the queues; how many jobs went back."""
         taker = cls.taker()
-        args: list[str] = []
+        args: list[str] = [Job.redis_job_namespace_prefix, *_execution_prefixes(), ATTEMPT_FIELD, DONE_FIELD,
+                           cls.read or ""]
         for q in queues:
-            args += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker)]
+            args += [q.key, q.intermediate_queue_key, TAKEN_KEY.format(q.name), HOLD_KEY.format(q.name, taker),
+                     q.started_job_registry.key]
         return int(_RELEASE(connection, [TAKER_KEY.format(taker)], args))
 
 
@@ -1119,6 +1395,41 @@ class CompatWorker(SimpleWorker):
     #: The job :meth:`execute_job` started already, for :meth:`prepare_job_execution` to skip.
     _started: Job | None = None
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None) -> Any:
+        # rq 3.0 BaseWorker.dequeue_job_and_maintain_ttl, whose take (dequeue_any) starts the job it takes
+        # for this worker (see _TAKE): the start costs no round trip of its own.
+        CompatQueue.starter = Starter(
+            self.name, self.key, self.executions_key, self.get_heartbeat_ttl(None),  # type: ignore[arg-type]
+            self.started_by_take,
+        )
+        try:
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        finally:
+            CompatQueue.starter = None
+
+    def started_by_take(self, job: Job, queue: Queue) -> None:
+        """``job`` was started by its take and is loaded: called before RQ logs it and runs it
+        (:meth:`execute_job`). A subclass may hand it to what runs it from here, inside
+        :meth:`handing_early`."""
+
+    @contextlib.contextmanager
+    def handing_early(self, handed: Callable[[], bool]) -> Iterator[None]:
+        """Around handing the job its take started to what runs it, before :meth:`execute_job`;
+        ``handed()`` says afterwards whether it went (or may have). From the block's start a stop
+        waits for the job (it raises no StopRequested) and the job is never put back unstarted, so a
+        SIGTERM that comes while the job is being handed cannot give it back while it runs; if it did
+        not go, the job goes the usual way (and a stop that came meanwhile gives it back)."""
+        started = CompatQueue.started
+        self._performing = True
+        if started is not None:
+            CompatQueue.started = dataclasses.replace(started, handed=True)
+        try:
+            yield
+        finally:
+            if not handed():
+                self._performing = False
+                CompatQueue.started = started
+
     def execute_job(self, job: Job, queue: Queue) -> None:
         # rq 3.0 SimpleWorker.execute_job, plus the note of the job taken and the heartbeat thread, and
         # the execution registered in the transaction that starts the job (see _start).
@@ -1128,6 +1439,7 @@ class CompatWorker(SimpleWorker):
             self._heartbeats = _Heartbeats(self)
         self._heartbeats.watch(job, execution)
         self._performing = True
+        CompatQueue.started = None  # from here the job may reach its handlers: no longer put back unstarted
         try:
             self.perform_job(job, queue, execution)
         finally:
@@ -1135,6 +1447,7 @@ class CompatWorker(SimpleWorker):
             self._started = None
             self._heartbeats.unwatch()
         self.taking = None
+        CompatQueue.read = None
         self.set_state(WorkerStatus.IDLE)
 
     def _start(self, job: Job) -> Any:
@@ -1146,6 +1459,12 @@ class CompatWorker(SimpleWorker):
         ``perform_job``: if Redis refuses it, nothing was written, and the job is
         one taken and not started (see :meth:`return_untaken_job`).
         """
+        started = CompatQueue.started
+        if started is not None and started.job_id == job.id:
+            execution = self._started_in_take(job, started)
+            self._started = job
+            self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
+            return execution
         with self.connection.pipeline() as pipeline:
             heartbeat_ttl = self.get_heartbeat_ttl(job)
             execution = Execution.create(job, heartbeat_ttl, pipeline=pipeline, worker_name=self.name)
@@ -1160,6 +1479,21 @@ class CompatWorker(SimpleWorker):
             pipeline.execute()
         self._started = job
         self.procline(f"Processing {job.func_name} from {job.origin} since {time.time()}")  # type: ignore[no-untyped-call]
+        return execution
+
+    def _started_in_take(self, job: Job, started: StartedInTake) -> Execution:
+        """What the start a take wrote (see :data:`_TAKE`) leaves in this process: what RQ's own start sets
+        on the execution, the worker and the job (rq 3.0 ``Execution.create``, ``set_state``, ``heartbeat``,
+        ``Job.heartbeat``, ``Job.prepare_for_execution``), with the take's time."""
+        execution = Execution(started.execution_id, job.id, connection=self.connection, worker_name=self.name)
+        execution.created_at = execution.last_heartbeat = started.at
+        execution._job = job
+        self.executions[execution.id] = execution
+        self._state = WorkerStatus.BUSY
+        self.last_heartbeat = started.at
+        job.worker_name = self.name
+        job.last_heartbeat = job.started_at = started.at
+        job._status = JobStatus.STARTED
         return execution
 
     def prepare_job_execution(self, job: Job, remove_from_intermediate_queue: bool = False) -> None:
@@ -1287,6 +1621,11 @@ class CompatWorker(SimpleWorker):
             return None
         job_id, queue = self.taking
         self.taking = None
+        started, CompatQueue.started = CompatQueue.started, None
+        if started is not None and started.job_id == job_id and not started.handed:
+            # Its take started it, and it never reached its handlers: undone, and queued again.
+            self.executions.clear()
+            return job_id if unstart(self.connection, started) else None
         keys = [
             queue.intermediate_queue_key,
             queue.key,

@@ -475,6 +475,19 @@ def hand_back(
     return new.id
 
 
+def first_run_items(func_name: str | None, args: Any) -> tuple[list[tuple[int, Any]], Any] | None:
+    """The events (with their indexes) and request snapshots that :func:`run_events` or :func:`run_event`
+    hand their runner on a job's first attempt, from the job's function and arguments; None if
+    they would refuse them."""
+    if func_name == RUN_EVENTS and isinstance(args, (list, tuple)) and 1 <= len(args) <= 2:
+        payloads = args[0]
+        if isinstance(payloads, list):
+            return list(enumerate(payloads)), args[1] if len(args) == 2 else None
+    if func_name == RUN_EVENT and isinstance(args, (list, tuple)) and len(args) == 1:
+        return [(0, args[0])], None
+    return None
+
+
 #: The job functions a worker runs, by the name stored in Redis (see :mod:`signal_queue.wire.keys`).
 JOB_FUNCTIONS: dict[str, Callable[..., None]] = {RUN_EVENT: run_event, RUN_EVENTS: run_events}
 

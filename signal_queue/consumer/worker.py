@@ -25,8 +25,9 @@ from flask import Flask
 from flask.cli import ScriptInfo
 from redis.backoff import NoBackoff
 from redis.retry import Retry
-from rq import SimpleWorker, Worker
+from rq import Queue, SimpleWorker, Worker
 from rq.exceptions import StopRequested
+from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from ..exceptions import ConfigurationError
@@ -46,7 +47,7 @@ from .rq_compat import (
     retire_worker,
     stop_requested,
 )
-from .run import Consumer, bind, bound, use_runner
+from .run import Consumer, bind, bound, first_run_items, use_runner
 
 logger = logging.getLogger("signal_queue.worker")
 
@@ -100,6 +101,26 @@ class SignalWorker(_SignalWorkerDefaults, FaultAwareWorker, CompatWorker):
     def stop_soon(self) -> None:
         # In the SIGTERM handler: the handler process starts no other event from now on.
         self.handlers.request_stop()
+
+    def started_by_take(self, job: Job, queue: Queue) -> None:
+        # The job is started in Redis (by its take) and passed the allow-list: a first attempt's
+        # events go to the handler process now, while RQ logs the job and runs its bookkeeping up to
+        # the job function, which follows them (HandlerProcess.run). A later attempt first reads the
+        # done marks in the job function. The first job waits for RQ's one look at the Redis version.
+        if not isinstance(job, SignalJob) or job.refusal is not None or job.attempt != 1:
+            return
+        if not self.redis_server_version:
+            return
+        found = first_run_items(job.func_name, job.args)
+        if found is not None:
+            with self.handing_early(self.handlers.holds_early):
+                self.handlers.send_early(job.id, job.origin, *found)
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self.handlers.drop_early()
 
 
 class ForkingSignalWorker(_SignalWorkerDefaults, FaultAwareWorker, Worker):
