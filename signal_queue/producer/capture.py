@@ -162,7 +162,8 @@ class RawRequest:
     __slots__ = ("_key", "_snapshot", "endpoint", "environ", "request_id", "view_args")
 
     def __init__(self, environ: dict[str, Any], endpoint: str | None, view_args: dict[str, Any]):
-        self.environ = {k: v for k, v in environ.items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
+        # environ.copy() first: atomic under the GIL, where another thread of the request may add keys.
+        self.environ = {k: v for k, v in environ.copy().items() if k[:5] == "HTTP_" or k in _ENVIRON_KEYS}
         self.endpoint = endpoint
         self.view_args = view_args
         self.request_id = request_id(environ)

@@ -263,7 +263,7 @@ class Codec:
         if type(view_args) is not dict and not isinstance(view_args, Mapping):
             return set()
         secret = self.secret
-        if not any(type(name) is str and secret(name) for name in view_args):  # most rules have none
+        if not any(isinstance(name, str) and secret(name) for name in view_args):  # most rules have none
             return set()
         return {
             str(value)
