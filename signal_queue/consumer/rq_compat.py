@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import re
+import select
 import signal
 import socket
 import threading
@@ -1303,7 +1304,8 @@ class CompatScheduler(RQScheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._wake = threading.Event()
+        #: The write end of the scheduler process's wake pipe (made in that process, by work()).
+        self._wake_fd: int | None = None
 
     def start(self) -> BaseProcess | None:
         # rq 3.0 RQScheduler.start forks the scheduler process from the worker (the worker's
@@ -1325,6 +1327,11 @@ class CompatScheduler(RQScheduler):
     def work(self) -> None:
         # rq 3.0 RQScheduler.work, in the scheduler process: the same loop, which also
         # ends when the worker is gone (on Linux the kernel sends SIGTERM at once).
+        # The wait between rounds is on a pipe the SIGTERM handler writes to: a handler that took
+        # a lock (threading.Event.set) could find it held by the very wait it interrupts, and the
+        # process would hang instead of stopping.
+        wake, self._wake_fd = os.pipe()
+        os.set_blocking(self._wake_fd, False)
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
         die_with_parent(signal.SIGTERM)
@@ -1337,13 +1344,15 @@ class CompatScheduler(RQScheduler):
                 self.acquire_locks()  # type: ignore[no-untyped-call]
             self.heartbeat()  # type: ignore[no-untyped-call]
             self.enqueue_scheduled_jobs()  # type: ignore[no-untyped-call]
-            self._wake.wait(self.interval)  # RQ sleeps: a SIGTERM then waits out the second
+            select.select([wake], [], [], self.interval)  # RQ sleeps here; the SIGTERM handler's byte ends the wait
 
     def request_stop(self, signum: Any = None, frame: Any = None) -> None:
         # rq 3.0 RQScheduler.request_stop, its SIGTERM/SIGINT handler: also ends the wait between
         # rounds, so a stopping worker does not wait a second for its scheduler (it joins it).
         super().request_stop(signum, frame)  # type: ignore[no-untyped-call]
-        self._wake.set()
+        if self._wake_fd is not None:
+            with contextlib.suppress(OSError):  # BlockingIOError: a full pipe has woken it already
+                os.write(self._wake_fd, b"!")
 
 
 class BackstopDeathPenalty(UnixSignalDeathPenalty):
