@@ -1328,8 +1328,8 @@ class CompatScheduler(RQScheduler):
         # rq 3.0 RQScheduler.work, in the scheduler process: the same loop, which also
         # ends when the worker is gone (on Linux the kernel sends SIGTERM at once).
         # The wait between rounds is on a pipe the SIGTERM handler writes to: a handler that took
-        # a lock (threading.Event.set) could find it held by the very wait it interrupts, and the
-        # process would hang instead of stopping.
+        # a lock (threading.Event.set) could be interrupted by a second SIGTERM inside it, whose
+        # handler then waited for that lock forever (seen: the kernel's and a stopping worker's).
         wake, self._wake_fd = os.pipe()
         os.set_blocking(self._wake_fd, False)
         self._install_signal_handlers()  # type: ignore[no-untyped-call]
