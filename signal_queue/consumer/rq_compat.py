@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import logging
 import math
@@ -937,6 +938,7 @@ class StartedInTake:
     handed: bool = False
 
 
+@functools.cache
 def _execution_prefixes() -> tuple[str, str]:
     """The key prefixes of an execution's hash and of a job's execution registry
     (rq 3.0 ``Execution.key``: ``rq:execution:<job id>:<id>``; ``ExecutionRegistry``: ``rq:executions:<job id>``)."""

@@ -260,11 +260,9 @@ class Codec:
 
     def secret_values(self, view_args: Any) -> set[str]:
         """The values, as text, of a URL rule's secret-named path arguments (for :func:`redact_path`)."""
-        if type(view_args) is not dict and not isinstance(view_args, Mapping):
+        if type(view_args) is not dict and not isinstance(view_args, Mapping):  # an ABC check costs ~0.5 us
             return set()
         secret = self.secret
-        if not any(isinstance(name, str) and secret(name) for name in view_args):  # most rules have none
-            return set()
         return {
             str(value)
             for name, value in view_args.items()
