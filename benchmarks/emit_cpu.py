@@ -11,8 +11,10 @@ baseline, in the same run, is subtracted:
     CPU per event = (CPU(signal_queue) - CPU(baseline)) / (requests * N)
 
 The request thread's own share (``time.thread_time``) is printed beside it.
-Each variant runs ``--rounds`` times; the lowest figure is kept (the least
-disturbed by other load). Nothing here asserts a speed.
+Each round runs every variant once, one after the other; each round's figure
+is taken against that round's baseline, and the median of the rounds is shown
+with their range (on a noisy machine the lowest figure of each variant alone
+could pair a disturbed baseline with a quiet variant). Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,24 +77,26 @@ def main() -> int:
     server = RedisProcess()
     server.start()
     try:
-        best: dict[str, tuple[float, float, float]] = {}
+        rounds: list[dict[str, tuple[float, float, float]]] = []
         for _ in range(args.rounds):
+            got: dict[str, tuple[float, float, float]] = {}
             for variant in ("baseline", "signal_queue", "inline_append"):
                 redis.Redis.from_url(server.url).flushall()
-                got = run(variant, args.n, server.url, args.requests)
-                if variant not in best or got[0] < best[variant][0]:
-                    best[variant] = got
+                got[variant] = run(variant, args.n, server.url, args.requests)
+            rounds.append(got)
     finally:
         server.stop()
     events = args.requests * args.n
-    base_cpu, base_thread, _ = best["baseline"]
-    print(f"{args.requests} requests x {args.n} emits = {events} events; lowest of {args.rounds} rounds")
-    print(f"{'variant':16} {'CPU s':>7} {'req thread s':>13} {'us/request':>11} {'us/event (minus baseline)':>27}")
-    for variant, (total, thread, _wall) in best.items():
-        per_event = (total - base_cpu) / events * 1e6
-        thread_per_event = (thread - base_thread) / events * 1e6
-        print(f"{variant:16} {total:7.2f} {thread:13.2f} {total / args.requests * 1e6:11.1f} "
-              f"{per_event:10.2f} (request thread {thread_per_event:.2f})")
+    print(f"{args.requests} requests x {args.n} emits = {events} events; median of {args.rounds} rounds "
+          "(each against its own round's baseline), range in brackets")
+    print(f"{'variant':16} {'CPU s':>7} {'us/request':>11} {'us/event (minus baseline)':>34} {'request thread':>24}")
+    for variant in ("baseline", "signal_queue", "inline_append"):
+        totals = [r[variant][0] for r in rounds]
+        per_event = [(r[variant][0] - r["baseline"][0]) / events * 1e6 for r in rounds]
+        thread = [(r[variant][1] - r["baseline"][1]) / events * 1e6 for r in rounds]
+        print(f"{variant:16} {statistics.median(totals):7.2f} {statistics.median(totals) / args.requests * 1e6:11.1f} "
+              f"{statistics.median(per_event):10.2f} [{min(per_event):.2f}..{max(per_event):.2f}]{'':>8} "
+              f"{statistics.median(thread):8.2f} [{min(thread):.2f}..{max(thread):.2f}]")
     print(f"\nmachine: {os.cpu_count()} cores, Python {sys.version.split()[0]}, "
           f"load average {os.getloadavg()[0]:.1f}")
     return 0

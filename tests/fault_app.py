@@ -19,6 +19,7 @@ bus = Namespace()
 fault = bus.signal("fault")
 fault_audit = bus.signal("fault-audit")
 slow_once = bus.signal("slow-once")
+bulky = bus.signal("bulky")
 K = 3
 
 
@@ -68,3 +69,9 @@ def on_slow_once(sender: Any, tag: str) -> None:
         _log(f"started {tag} {current_event.id} 1")
         time.sleep(30)
     _log(f"done {tag} {current_event.id} {current_event.attempt}")
+
+
+@deferred(bulky)
+def on_bulky(sender: Any, n: int, items: list[Any]) -> None:
+    """An event whose kwargs take the worker a while to read (many small objects)."""
+    _log(f"{n} {len(items)} {current_event.id} {current_event.attempt}")

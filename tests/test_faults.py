@@ -273,3 +273,57 @@ def test_sigterm_at_any_moment_of_a_job_stops_the_worker(tmp_path: Path) -> None
         assert not conn.exists("sq:quarantine"), "no job was set aside because a signal interrupted its reading"
     finally:
         server.kill()
+
+
+def test_sigterm_while_a_worker_reads_a_job_gives_the_job_back(tmp_path: Path) -> None:
+    """SIGTERM to a worker just as it took its last job, while it decodes it (each of 20 events holds
+    100,000 small dicts: 1 MB of JSON, ~40 ms to read): the job goes back to its queue, whole,
+    and the next worker runs its event; every event runs once. RQ raises StopRequested from the signal
+    handler wherever an idle worker is, and RQ's decoding of a job's data takes any exception for bad
+    data: the job was refused as "not a JSON job" and went to the failed registry, never retried, its
+    event lost (1 in 8 SIGTERMs of test_sigterm_at_any_moment_of_a_job_stops_the_worker hit it once)."""
+    from tests.fault_app import bulky, create_app
+
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    total, size = 20, 100_000
+    env = fault_env(server.url, log, tmp_path / "spool.sqlite3", SIGNAL_QUEUE_MAX_EVENT_BYTES=str(20 * size))
+    conn = redis.Redis.from_url(server.url)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SIGNAL_QUEUE_REDIS_URL", server.url)
+        patch.setenv("SIGNAL_QUEUE_MAX_EVENT_BYTES", str(20 * size))
+        app = create_app()
+    items = [{"a": 0}] * size
+    with app.test_request_context("/emit/0"):
+        for n in range(total):
+            bulky.send("loop", n=n, items=items)
+    drain(app)
+    worker = start_worker(env)
+    try:
+        # The take moves the last job off the queue; the worker reads the reply, then decodes the job.
+        # The signal is aimed at the decoding: this polls more often than wait_until, and waits a few
+        # ms more (wherever it lands, the assertions hold; elsewhere it tests less).
+        deadline = time.monotonic() + 60
+        while conn.llen("rq:queue:signals") and worker.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(0.008)
+        worker.send_signal(signal.SIGTERM)
+        wait_until("the worker to stop after one SIGTERM", lambda: worker.poll() is not None, 30)
+        given_back = conn.llen("rq:queue:signals")
+        ran_first = len(handled(log))
+        done = subprocess.run([sys.executable, "worker.py", "--app", FAULT_APP, "--burst"], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        rows = handled(log)
+        by_n = collections.Counter(r[0] for r in rows)
+        failed = conn.zcard("rq:failed:signals")
+        print(f"\nSIGTERM as the last job was read: worker exit {worker.returncode}; jobs given back {given_back}, "
+              f"events run before the stop {ran_first}; after the next worker {len(by_n)} of {total} ran, most runs "
+              f"of one event {max(by_n.values(), default=0)}; failed registry {failed}")
+        assert worker.returncode == 0 and done.returncode == 0
+        assert failed == 0, "no job was refused as bad data"
+        assert set(by_n) == {str(n) for n in range(total)}, "every event ran"
+        assert max(by_n.values()) == 1, "no event ran twice"
+    finally:
+        stop(worker)
+        server.kill()

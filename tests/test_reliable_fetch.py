@@ -266,3 +266,60 @@ def test_sigterm_as_redis_hands_a_worker_its_job_loses_and_repeats_nothing(
         stop(*(p for p in (first, second) if p is not None))
         proxy.close()
         server.kill()
+
+
+def test_job_whose_success_bookkeeping_lost_redis_is_not_run_again(tmp_path: Path) -> None:
+    """Redis restarts empty just as a worker records a job's success (its handlers all ran), and the worker's
+    first tries at that transaction lose their replies: every try redis-py makes (its own retries) on
+    the first one. RQ would count that as the job failing, and its failure handling would queue the job
+    again, from the worker's copy, on the new, empty Redis, where no done mark says its events ran: they
+    would run twice. The worker instead tries the success again once Redis answers. Each event runs once."""
+    server = RedisProcess()
+    server.start()
+    log = tmp_path / "handled.log"
+    # One cut per try redis-py makes at a command (its Retry's count, plus the first) on a client made from
+    # a URL, as the worker's: all on the first job's success.
+    tries = 1 + redis.Redis.from_url(server.url).connection_pool.make_connection().retry.get_retries()
+    cut: list[str] = []
+
+    def cut_when(command: list[bytes], reply: Any) -> bool:
+        if len(command) != 2 or command[0].upper() != b"WATCH" or not command[1].endswith(b":dependents"):
+            return False
+        job_id = command[1].decode().removeprefix("rq:job:").removesuffix(":dependents")
+        if cut and (job_id != cut[0] or len(cut) >= tries):
+            return False
+        cut.append(job_id)
+        return True
+
+    def on_cut(command: list[bytes], reply: Any) -> None:
+        if len(cut) == 1:  # the first cut: Redis crashes and comes back, empty, before the worker learns of it
+            server.kill()
+            server.start()
+
+    proxy = RedisProxy(server.port, CutRule(cut_when, on_cut))
+    worker = start_worker(proxy.url, log, 1, "fetch-finisher")
+    try:
+        conn = redis.Redis.from_url(server.url)
+        wait_until("the worker to register", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 3, 1)
+        wait_until("every try at the first job's success to be cut", lambda: len(cut) == tries, 60)
+        wait_until("the worker to be listed again", lambda: conn.scard("rq:workers") == 1, 30)
+        emit(server.url, log, 3, 1)  # after the restart: these must all run
+        after = lambda: [row for row in handled(log) if row[4] != cut[0]]  # noqa: E731
+        with contextlib.suppress(AssertionError):  # the counts below say what is missing
+            wait_until("the events emitted after the restart", lambda: len({r[2] for r in after()}) >= 3, 30)
+        rows = handled(log)
+        runs = collections.Counter(row[2] for row in rows if row[4] == cut[0])
+        text = Path(f"{log}.fetch-finisher").read_text()
+        print(f"\nsuccess of job {cut[0]} lost ({proxy.cuts} replies cut) across an empty restart: its event ran "
+              f"{sum(runs.values())} time(s); {len({r[2] for r in after()})} of 3 emitted after ran; "
+              f"'enqueued for retry' logged {text.count('enqueued for retry')} time(s)")
+        assert proxy.cuts == tries, "every try redis-py made at the first job's success was cut"
+        assert list(runs.values()) == [1], "the job whose success was lost ran once, not again"
+        assert "enqueued for retry" not in text, "a job that ran is not counted as failed"
+        assert len({r[2] for r in after()}) == 3 and len(after()) == 3, "the events after the restart ran once each"
+        assert worker.poll() is None, "the worker kept running"
+    finally:
+        stop(worker)
+        proxy.close()
+        server.kill()

@@ -98,6 +98,9 @@ MIRRORED = {
     "rq.worker.BaseWorker.unsubscribe": "16e9db30b9c54c46",
     "rq.worker.BaseWorker.run_maintenance_tasks": "3d8a446b5354fce3",  # restarts a dead scheduler via start()
     "rq.worker.BaseWorker.perform_job": "1f0e40678ae519cf",
+    # an error of the success bookkeeping goes to _finalize_failure, which queues the job again (a retry)
+    "rq.worker.BaseWorker._finalize_success": "ef21a613e8080195",
+    "rq.worker.BaseWorker._finalize_failure": "6d1b8bd1117e9641",
     "rq.scheduler.RQScheduler.start": "7995068483aebe44",
     "rq.scheduler.RQScheduler.work": "5d1810bdd4392089",
     "rq.scheduler.RQScheduler.request_stop": "3b064bb4d72ed53f",
@@ -253,10 +256,14 @@ class CompatJob(Job):
         self._func_name, self._instance, self._args, self._kwargs = func_name, None, args, {}
 
     def _deserialize_data(self) -> None:
-        # rq 3.0 Job._deserialize_data: its DeserializationError carries no message.
+        # rq 3.0 Job._deserialize_data: its DeserializationError carries no message, and it takes any
+        # exception for bad data, even the StopRequested that RQ's SIGTERM handler raises wherever an
+        # idle worker is: a job being read then was refused and lost. The stop goes on as a stop.
         try:
             super()._deserialize_data()  # type: ignore[no-untyped-call]
         except DeserializationError as exc:
+            if isinstance(exc.__cause__, StopRequested):
+                raise exc.__cause__ from None
             raise DeserializationError(
                 f"job {self.id}: data is not a JSON job written by signal_queue ({exc.__cause__!r})"
             ) from exc.__cause__
@@ -413,6 +420,8 @@ class FaultAwareWorker(BaseWorker):
     LOOK_AT_MOST_EVERY = 1.0
     _suspension_seen_at = -math.inf
     _beaten_at = -math.inf
+    #: Seconds the success bookkeeping of a job that ran tries again while Redis refuses for a while.
+    FINISH_WAIT = 10.0
 
     def _fault(self, exc: redis.RedisError) -> RedisFault:
         self.redis_fault = exc
@@ -452,6 +461,43 @@ class FaultAwareWorker(BaseWorker):
             raise
         except redis.RedisError as exc:
             raise self._fault(exc) from exc
+
+    def _finalize_success(self, job: Job, queue: Queue, execution: Execution, return_value: Any) -> None:
+        # rq 3.0 perform_job hands an error of its success bookkeeping to _finalize_failure, as if the job
+        # had failed, and the failure handling queues the job again (a retry), written from this process's
+        # copy. The job ran: its events would run again, and on a Redis that restarted empty no done mark
+        # skips them. While Redis refuses for a while, the success is tried again (the heartbeat thread
+        # keeps the job's execution alive meanwhile); past FINISH_WAIT the worker's loop ends on the error
+        # (run_worker waits for Redis) and the job stays started, for RQ's clean-up of abandoned jobs (its
+        # done marks skip its events). A success Redis executed whose reply was lost is written twice: the
+        # worker's successful-job count and working time count the job twice; the rest is the same.
+        deadline = time.monotonic() + self.FINISH_WAIT
+        delay = 0.05
+        waiting: str | None = None
+        while True:
+            try:
+                super()._finalize_success(job, queue, execution, return_value)
+                break
+            except redis.RedisError as exc:
+                cause = transient_cause(exc)
+                if cause is None:  # a refusal that waiting does not end (a reply about the data, an ACL): as RQ does
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise self._fault(exc) from exc
+                if cause != waiting:
+                    logger.warning("signal_queue: cannot record that job %s ran: Redis %s (%s: %s); retrying",
+                                   job.id, describe(cause), type(exc).__name__, exc)
+                    waiting = cause
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        if waiting is not None:
+            logger.warning("signal_queue: job %s recorded as done", job.id)
+
+    def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
+        # rq 3.0 perform_job calls this for whatever its try raised: the fault above is not the job's failure.
+        if isinstance(exc_info[1], RedisFault):
+            raise exc_info[1]
+        super()._finalize_failure(job, queue, execution, exc_info)
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         # rq 3.0 BaseWorker.heartbeat: HSET last_heartbeat, EXPIRE the worker and its executions.
