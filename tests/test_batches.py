@@ -142,6 +142,19 @@ def test_events_of_one_request_each_see_the_request_as_it_was(
     assert len(seen) == 3 and all(s == seen[0] for s in seen), seen
     assert seen[0] == {
         "g": {"tenant": "acme"}, "path": "/orders/7", "args": {"x": "1"}, "view_args": {"order": 7},
+        "endpoint": "order", "rule": "/orders/<int:order>", "routing_exception": None,
         "header": "one", "mutated": None, "attribute": None, "snapshot_view_args": {"order": 7},
         "snapshot_headers": seen[0]["snapshot_headers"], "remote_addr": "127.0.0.1",
     }
+    # A request no route matches: each event's request has Flask's NotFound, as the emit's had.
+    from tests.batch_app import observe
+
+    with app.test_request_context("/nowhere/3"):
+        observe.send("test", n=10)
+        observe.send("test", n=12)
+    drain(app)
+    wait_until("the two events", lambda: settled(client) and len(entries(log, "ran")) == 7, 60)
+    unrouted = [json.loads(r[5]) for r in entries(log, "ran") if int(r[4]) >= 10]
+    assert [(s["path"], s["endpoint"], s["rule"], s["view_args"], s["routing_exception"]) for s in unrouted] == [
+        ("/nowhere/3", None, None, None, "NotFound")
+    ] * 2, unrouted
