@@ -73,7 +73,7 @@ from rq.worker import BaseWorker, WorkerStatus
 from rq.worker_registration import register as register_worker
 
 from ..wire.keys import ATTEMPT_FIELD, DONE_FIELD, HOLD_KEY, HOLDERS_KEY, TAKEN_KEY, TAKER_KEY
-from ..wire.redis_errors import describe, transient_cause
+from ..wire.redis_errors import describe, retry_while_transient, transient_cause
 from .lifeline import die_with_parent, orphaned
 from .quarantine import entry_text, quarantine
 
@@ -471,27 +471,14 @@ class FaultAwareWorker(BaseWorker):
         # (run_worker waits for Redis) and the job stays started, for RQ's clean-up of abandoned jobs (its
         # done marks skip its events). A success Redis executed whose reply was lost is written twice: the
         # worker's successful-job count and working time count the job twice; the rest is the same.
-        deadline = time.monotonic() + self.FINISH_WAIT
-        delay = 0.05
-        waiting: str | None = None
-        while True:
-            try:
-                super()._finalize_success(job, queue, execution, return_value)
-                break
-            except redis.RedisError as exc:
-                cause = transient_cause(exc)
-                if cause is None:  # a refusal that waiting does not end (a reply about the data, an ACL): as RQ does
-                    raise
-                if time.monotonic() + delay > deadline:
-                    raise self._fault(exc) from exc
-                if cause != waiting:
-                    logger.warning("signal_queue: cannot record that job %s ran: Redis %s (%s: %s); retrying",
-                                   job.id, describe(cause), type(exc).__name__, exc)
-                    waiting = cause
-                time.sleep(delay)
-                delay = min(delay * 2, 1.0)
-        if waiting is not None:
-            logger.warning("signal_queue: job %s recorded as done", job.id)
+        finish = super()._finalize_success
+        try:
+            retry_while_transient(lambda: finish(job, queue, execution, return_value), f"record that job {job.id} ran",
+                                  logger, self.FINISH_WAIT)
+        except redis.RedisError as exc:
+            if transient_cause(exc) is None:  # a refusal that waiting does not end (about the data, an ACL): as RQ does
+                raise
+            raise self._fault(exc) from exc
 
     def _finalize_failure(self, job: Job, queue: Queue, execution: Execution, exc_info: Any) -> None:
         # rq 3.0 perform_job calls this for whatever its try raised: the fault above is not the job's failure.
@@ -738,10 +725,9 @@ local function start(i, id)
   redis.call('EXPIRE', ARGV[9] .. id, ttl + 60)
   redis.call('ZADD', KEYS[i + 4], sec + ttl, composite)
   redis.call('SADD', KEYS[4], composite)
-  redis.call('EXPIRE', KEYS[4], ttl + 60)
-  -- set_state(BUSY), then the worker's heartbeat
-  redis.call('HSET', KEYS[3], 'state', 'busy')
-  redis.call('HSET', KEYS[3], 'last_heartbeat', at)
+  -- set_state(BUSY), then the worker's heartbeat (whose EXPIRE of the worker's executions set
+  -- replaces the one Execution.create gave it, ttl + 60)
+  redis.call('HSET', KEYS[3], 'state', 'busy', 'last_heartbeat', at)
   redis.call('EXPIRE', KEYS[3], ttl)
   redis.call('EXPIRE', KEYS[4], ttl)
   -- Job.heartbeat, Job.prepare_for_execution, CompatJob.prepare_for_execution, the attempt
@@ -817,13 +803,13 @@ local queue, id, exec, worker_executions = parts[1], parts[2], parts[3], parts[4
 if not id then return returned end
 for i = 7, #ARGV, 5 do
   if ARGV[i] == queue then
-    if redis.call('LREM', ARGV[i + 1], 1, id) == 1 then
-      redis.call('ZREM', ARGV[i + 2], id)
-      redis.call('LPUSH', queue, id)
-      return returned + 1
-    end
-    if exec and worker_executions and undoable(prefixes, ARGV[i + 4], id, exec, known) then
+    -- Taken and not started, or started by that take and undoable: back at the front of its queue.
+    local back = redis.call('LREM', ARGV[i + 1], 1, id) == 1
+    if not back and exec and worker_executions and undoable(prefixes, ARGV[i + 4], id, exec, known) then
       unstart(prefixes, ARGV[i + 4], id, exec, worker_executions)
+      back = true
+    end
+    if back then
       redis.call('ZREM', ARGV[i + 2], id)
       redis.call('LPUSH', queue, id)
       return returned + 1

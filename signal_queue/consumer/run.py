@@ -53,7 +53,7 @@ from ..wire.keys import (
 )
 from ..wire.receivers import DeferredReceiver, muted, receivers
 from ..wire.redis_connect import RedisSource
-from ..wire.redis_errors import describe, transient_cause
+from ..wire.redis_errors import retry_while_transient
 from .context import Environs, handling, rebuilt_context
 from .labels import describe_event, emitted_at, event_meta
 from .rq_compat import record_failure_result
@@ -824,25 +824,8 @@ class _DoneMarks:
         """
         if not (self._unsaved or self.handled or self.failed) or self.job is None:
             return
-        delay = 0.1
-        waiting: str | None = None
-        while True:
-            try:
-                self.save_once(quiet=False)
-                break
-            except redis.RedisError as exc:
-                # Full, read-only, loading, busy or away: Redis takes the marks later.
-                cause = transient_cause(exc)
-                if cause is None:
-                    raise
-                if cause != waiting:  # one line per cause, not one per try
-                    logger.warning("signal_queue: cannot save done marks of job %s: Redis %s (%s: %s); retrying",
-                                   self.job.id, describe(cause), type(exc).__name__, exc)
-                    waiting = cause
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        if waiting is not None:
-            logger.warning("signal_queue: done marks of job %s saved", self.job.id)
+        # Full, read-only, loading, busy or away: Redis takes the marks later.
+        retry_while_transient(lambda: self.save_once(quiet=False), f"save the done marks of job {self.job.id}", logger)
 
     def save_once(self, quiet: bool = True) -> None:
         """One try at saving the marks (``quiet``: a Redis error is ignored, as on the way out of a failed job)."""

@@ -12,9 +12,14 @@ apart; an error it returns None for is not about Redis at all (a bug).
 
 from __future__ import annotations
 
+import logging
+import math
 import re
 import ssl
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import redis
 
@@ -160,6 +165,35 @@ def transient_cause(exc: BaseException) -> str | None:
     """The key in :data:`CAUSES` if ``exc`` is Redis refusing for a while; None otherwise."""
     fault = classify(exc)
     return fault.code if fault is not None and not fault.permanent else None
+
+
+T = TypeVar("T")
+
+
+def retry_while_transient(action: Callable[[], T], what: str, log: logging.Logger, within: float = math.inf) -> T:
+    """``action()``, tried again while Redis refuses for a while (a transient cause), with a backoff from
+    0.05 s doubling to 2 s: one WARNING per cause ("cannot <what>: Redis ...; retrying"), one when it
+    went through after. Any other error is raised at once; a transient one once ``within`` seconds passed."""
+    deadline = time.monotonic() + within
+    delay = 0.05
+    waiting: str | None = None
+    while True:
+        try:
+            result = action()
+            break
+        except redis.RedisError as exc:
+            cause = transient_cause(exc)
+            if cause is None or time.monotonic() + delay > deadline:
+                raise
+            if cause != waiting:  # one line per cause, not one per try
+                log.warning("signal_queue: cannot %s: Redis %s (%s: %s); retrying",
+                            what, describe(cause), type(exc).__name__, exc)
+                waiting = cause
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    if waiting is not None:
+        log.warning("signal_queue: %s: done once Redis took it", what)
+    return result
 
 
 def describe(cause: str) -> str:
