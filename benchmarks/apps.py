@@ -2,7 +2,9 @@
 
 ``make_app(variant, n)`` builds it; ``BENCH_VARIANT`` and ``BENCH_N`` pick one
 for gunicorn (``benchmarks.apps:env_app()``). Every variant's view does the same
-work; only what listens to the signals differs.
+work; only what listens to the signals differs. ``floor_bridge`` is not a
+product: it is the least a bridge of signal_queue's shape does (see
+:class:`FloorBridge`), a floor to read signal_queue's figures against.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from blinker import Namespace
 from flask import Flask, g, request
 
+from benchmarks.lag_floor import FloorSender
 from signal_queue import SignalQueue, deferred
 
 VARIANTS = (
@@ -25,6 +28,7 @@ VARIANTS = (
     "naive_enqueue",
     "celery_delay",
     "thread_pool",
+    "floor_bridge",
     "signal_queue",
     "signal_queue_after_response",
     "signal_queue_immediate",
@@ -117,6 +121,10 @@ def make_app(variant: str, n: int, redis_url: str) -> Flask:
             task.delay(**kwargs)
 
         _connect(delay)
+    elif variant == "floor_bridge":
+        bridge = FloorBridge(redis_url)
+        app.extensions["floor_bridge"] = bridge
+        _connect(bridge.receiver)
     elif variant == "thread_pool":
         pool = ThreadPoolExecutor(max_workers=2)
 
@@ -134,6 +142,26 @@ def make_app(variant: str, n: int, redis_url: str) -> Flask:
         return {"status": "ok", "order": order_id}
 
     return app
+
+
+class FloorBridge:
+    """The least a thread-based bridge in Python can do per event, for a floor to compare with.
+
+    The receiver puts (time, sender, kwargs, path, user) in a deque and wakes an idle
+    sender thread, which sends what gathered as one orjson list with one RPUSH
+    (``benchmarks/lag_floor.py`` ``FloorSender``). No validation, no headers, no ids, no
+    redaction, no RQ job, no spool: nothing signal_queue promises, only its shape (the
+    request thread hands over, a thread sends in batches).
+    """
+
+    def __init__(self, redis_url: str) -> None:
+        self.sender = FloorSender(redis_url, "floor:events")
+
+    def receiver(self, sender: Any, **kwargs: Any) -> None:
+        self.sender.put((time.time(), sender, kwargs, request.path, g.get("current_user")))
+
+    def flush(self) -> None:
+        self.sender.flush()
 
 
 def append_line_off_request(kwargs: dict[str, Any]) -> None:

@@ -10,7 +10,11 @@ max lag, the rate actually reached, and how long the worker took to finish
 after the last emit (a worker that keeps up finishes at once). The lag is
 split in two, event by event: the app's part (emit to its batch being in Redis:
 the sender's send returned, noted by a wrapper around ``Dispatcher.send``) and the
-rest (Redis to the handler's start: the worker's part). Nothing here asserts a speed.
+rest (Redis to the handler's start: the worker's part). After each rate, the same
+rate goes through ``benchmarks/lag_floor.py`` (the same hops, with no work: a
+sender thread, Redis, a worker process and its child), and the ratio of the two
+medians is printed: what is signal_queue's and what is this machine's cost of
+waking its hops. Nothing here asserts a speed.
 
 The receiver notes its lag with one append to a local file (``--report file``,
 the default), read at the end of each rate, so the benchmark measures
@@ -31,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +55,7 @@ ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 import redis  # noqa: E402
 
 from benchmarks import lag_app  # noqa: E402
+from benchmarks.lag_floor import FloorSender  # noqa: E402
 
 PER_REQUEST = 5
 
@@ -98,42 +104,77 @@ def lags_ms(conn: redis.Redis) -> dict[str, float]:
     return {event_id.decode(): float(lag) * 1000 for lag, event_id in (line.split() for line in lines)}
 
 
-def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]:
-    conn.delete(lag_app.LAGS)
-    if lag_app.LAG_FILE:
-        open(lag_app.LAG_FILE, "wb").close()  # the handler appends (O_APPEND): truncating starts afresh
-    SENT.clear()
-    JOBS[0] = 0
+def paced(rate: float, seconds: float, emit_request: Callable[[int], None]) -> tuple[int, float]:
+    """Call ``emit_request(i)`` (5 emits) at ``rate`` events/s for ``seconds``; (events, rate reached)."""
     total = max(PER_REQUEST * 10, int(rate * seconds)) // PER_REQUEST * PER_REQUEST
     interval = PER_REQUEST / rate  # one request's 5 emits together, as a view sends them
     start = time.perf_counter()
-    with lag_app.app.app_context():
-        for i in range(total // PER_REQUEST):
-            due = start + i * interval
-            while (ahead := due - time.perf_counter()) > 0:
-                if ahead > 0.002:
-                    time.sleep(ahead - 0.001)
-            with lag_app.app.test_request_context(f"/orders/{i}?user=alice", headers={"User-Agent": "bench"}):
-                for _ in range(PER_REQUEST):
-                    lag_app.tick.send("bench", sent_at=time.time())
-    emitted = time.perf_counter()
+    for i in range(total // PER_REQUEST):
+        due = start + i * interval
+        while (ahead := due - time.perf_counter()) > 0:
+            if ahead > 0.002:
+                time.sleep(ahead - 0.001)
+        emit_request(i)
+    return total, total / (time.perf_counter() - start)
+
+
+def wait_reported(conn: redis.Redis, total: int, rate: float) -> None:
     deadline = time.monotonic() + 120
     while reported(conn) < total:
         if time.monotonic() > deadline:
             raise SystemExit(f"at {rate}/s not every event ran: {reported(conn)} of {total}")
         time.sleep(0.001)
+
+
+def start_afresh(conn: redis.Redis) -> None:
+    conn.delete(lag_app.LAGS)
+    if lag_app.LAG_FILE:
+        open(lag_app.LAG_FILE, "wb").close()  # the handler appends (O_APPEND): truncating starts afresh
+
+
+def run_rate(conn: redis.Redis, rate: float, seconds: float) -> dict[str, float]:
+    start_afresh(conn)
+    SENT.clear()
+    JOBS[0] = 0
+
+    def emit_request(i: int) -> None:
+        with lag_app.app.test_request_context(f"/orders/{i}?user=alice", headers={"User-Agent": "bench"}):
+            for _ in range(PER_REQUEST):
+                lag_app.tick.send("bench", sent_at=time.time())
+
+    with lag_app.app.app_context():
+        total, reached = paced(rate, seconds, emit_request)
+    emitted = time.perf_counter()
+    wait_reported(conn, total, rate)
     finished = time.perf_counter()
     by_event = lags_ms(conn)
     lags = sorted(by_event.values())
     app_part = sorted(x * 1000 for x in SENT.values())
     worker_part = sorted(lag - SENT[event_id] * 1000 for event_id, lag in by_event.items() if event_id in SENT)
     return {
-        "events": total, "reached": total / (emitted - start), "p50": percentile(lags, 0.5),
+        "events": total, "reached": reached, "p50": percentile(lags, 0.5),
         "p99": percentile(lags, 0.99), "max": lags[-1], "tail_s": finished - emitted,
         "app_p50": percentile(app_part, 0.5), "app_p99": percentile(app_part, 0.99),
         "worker_p50": percentile(worker_part, 0.5), "worker_p99": percentile(worker_part, 0.99),
         "per_job": total / max(1, JOBS[0]),
     }
+
+
+def run_floor(conn: redis.Redis, emitter: FloorSender, rate: float, seconds: float) -> dict[str, float]:
+    """The same rate through :mod:`benchmarks.lag_floor`'s hops (no work): the machine's floor."""
+    start_afresh(conn)
+
+    def emit_request(i: int) -> None:
+        for k in range(PER_REQUEST):
+            emitter.emit(f"{i}-{k}")
+
+    total, reached = paced(rate, seconds, emit_request)
+    emitted = time.perf_counter()
+    wait_reported(conn, total, rate)
+    finished = time.perf_counter()
+    lags = sorted(lags_ms(conn).values())
+    return {"events": total, "reached": reached, "p50": percentile(lags, 0.5), "p99": percentile(lags, 0.99),
+            "max": lags[-1], "tail_s": finished - emitted}
 
 
 def main() -> int:
@@ -149,6 +190,11 @@ def main() -> int:
         [sys.executable, "worker.py", "--app", "benchmarks.lag_app:app", "--logging-level", args.logging_level],
         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+    floor = None
+    if lag_app.LAG_FILE:
+        floor = subprocess.Popen([sys.executable, "benchmarks/lag_floor.py", "--worker", server.url, lag_app.LAG_FILE],
+                                 cwd=ROOT, env=ENV)
+    emitter = FloorSender(server.url)
     rows = []
     try:
         deadline = time.monotonic() + 30
@@ -158,22 +204,33 @@ def main() -> int:
             time.sleep(0.05)
         note_sends()
         run_rate(conn, 200, 0.5)  # warm up both sides
+        if floor is not None:
+            run_floor(conn, emitter, 200, 0.5)
         for rate in args.rates:
-            rows.append((rate, run_rate(conn, rate, args.seconds)))
+            # Each rate through signal_queue, then through the floor's hops, one after the other.
+            rows.append((rate, run_rate(conn, rate, args.seconds),
+                         None if floor is None else run_floor(conn, emitter, rate, args.seconds)))
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        for process in (worker, floor):
+            if process is not None:
+                process.terminate()
+                process.wait(timeout=30)
         server.stop()
         shutil.rmtree(LAG_FILE.parent, ignore_errors=True)
     print(f"\n{'rate/s':>8} {'reached/s':>10} {'events':>7} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} "
-          f"{'drain after s':>14} {'app p50':>8} {'app p99':>8} {'wkr p50':>8} {'wkr p99':>8} {'events/job':>11}")
-    for rate, r in rows:
+          f"{'drain after s':>14} {'app p50':>8} {'app p99':>8} {'wkr p50':>8} {'wkr p99':>8} {'events/job':>11} "
+          f"{'floor p50':>10} {'floor p99':>10} {'p50/floor':>10}")
+    for rate, r, f in rows:
         print(f"{rate:8.0f} {r['reached']:10.0f} {r['events']:7.0f} {r['p50']:8.2f} {r['p99']:8.2f} "
               f"{r['max']:8.2f} {r['tail_s']:14.3f} {r['app_p50']:8.2f} {r['app_p99']:8.2f} {r['worker_p50']:8.2f} "
-              f"{r['worker_p99']:8.2f} {r['per_job']:11.1f}")
+              f"{r['worker_p99']:8.2f} {r['per_job']:11.1f}" + (
+                  "" if f is None else f" {f['p50']:10.2f} {f['p99']:10.2f} {r['p50'] / f['p50']:9.2f}x"))
     print(f"\none app process (this one), one worker (--logging-level {args.logging_level}); lags noted "
           f"by {'a local file' if lag_app.LAG_FILE else 'RPUSH to Redis'}; {PER_REQUEST} emits per request; "
           f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}")
+    if any(f is not None for _, _, f in rows):
+        print("floor: the same rates through benchmarks/lag_floor.py, the same hops (a sender thread, Redis, a "
+              "worker process and its child) with no work: this machine's cost of waking them")
     return 0
 
 

@@ -14,7 +14,9 @@ The request thread's own share (``time.thread_time``) is printed beside it.
 Each round runs every variant once, one after the other; each round's figure
 is taken against that round's baseline, and the median of the rounds is shown
 with their range (on a noisy machine the lowest figure of each variant alone
-could pair a disturbed baseline with a quiet variant). Nothing here asserts a speed.
+could pair a disturbed baseline with a quiet variant). ``floor_bridge`` is the
+least a thread-based bridge does (``benchmarks/apps.py`` ``FloorBridge``): what
+any design of this shape pays on this machine. Nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 
 from benchmarks.apps import make_app  # noqa: E402
+
+#: What each round runs: the baseline (no receiver), signal_queue, the inline append it replaces, and the
+#: floor of a thread-based bridge in Python (benchmarks/apps.py FloorBridge: what any design like ours pays).
+VARIANTS = ("baseline", "signal_queue", "inline_append", "floor_bridge")
 from devtools.redis_process import RedisProcess  # noqa: E402
 from signal_queue import SignalQueue  # noqa: E402
 
@@ -49,12 +55,15 @@ def run(variant: str, n: int, url: str, requests: int) -> tuple[float, float, fl
     state = app.extensions.get("signal_queue")
     for i in range(300):  # warm up: the sender thread, connections, caches
         client.get(f"/orders/{i}?user=alice", buffered=True)
+    bridge = app.extensions.get("floor_bridge")
     if state is not None:
         state.outbox.flush()
     start_cpu, start_thread, start_wall = cpu(), time.thread_time(), time.perf_counter()
     for i in range(requests):
         client.get(f"/orders/{i}?user=alice", buffered=True)
     thread = time.thread_time() - start_thread
+    if bridge is not None:
+        bridge.flush()
     if state is not None:
         state.outbox.flush()
         # the sender may still be between its take and its send: wait until Redis has them all
@@ -80,7 +89,7 @@ def main() -> int:
         rounds: list[dict[str, tuple[float, float, float]]] = []
         for _ in range(args.rounds):
             got: dict[str, tuple[float, float, float]] = {}
-            for variant in ("baseline", "signal_queue", "inline_append"):
+            for variant in VARIANTS:
                 redis.Redis.from_url(server.url).flushall()
                 got[variant] = run(variant, args.n, server.url, args.requests)
             rounds.append(got)
@@ -90,7 +99,7 @@ def main() -> int:
     print(f"{args.requests} requests x {args.n} emits = {events} events; median of {args.rounds} rounds "
           "(each against its own round's baseline), range in brackets")
     print(f"{'variant':16} {'CPU s':>7} {'us/request':>11} {'us/event (minus baseline)':>34} {'request thread':>24}")
-    for variant in ("baseline", "signal_queue", "inline_append"):
+    for variant in VARIANTS:
         totals = [r[variant][0] for r in rounds]
         per_event = [(r[variant][0] - r["baseline"][0]) / events * 1e6 for r in rounds]
         thread = [(r[variant][1] - r["baseline"][1]) / events * 1e6 for r in rounds]

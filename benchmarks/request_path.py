@@ -74,6 +74,8 @@ def bench_inproc(variant: str, n: int, url: str, requests: int) -> dict[str, flo
         times.append(time.perf_counter() - t)
     if state is not None:
         state.outbox.flush()  # the sender's work and round trips count too
+    if "floor_bridge" in app.extensions:
+        app.extensions["floor_bridge"].flush()
     elapsed = time.perf_counter() - started
     trips = ROUND_TRIPS[0]
     Connection.send_packed_command = _send  # type: ignore[method-assign]
