@@ -122,7 +122,7 @@ def make_app(variant: str, n: int, redis_url: str) -> Flask:
 
         _connect(delay)
     elif variant == "floor_bridge":
-        bridge = FloorBridge(redis_url)
+        bridge = FloorBridge(redis_url, "floor:events")
         app.extensions["floor_bridge"] = bridge
         _connect(bridge.receiver)
     elif variant == "thread_pool":
@@ -144,24 +144,28 @@ def make_app(variant: str, n: int, redis_url: str) -> Flask:
     return app
 
 
-class FloorBridge:
+class FloorBridge(FloorSender):
     """The least a thread-based bridge in Python can do per event, for a floor to compare with.
 
     The receiver puts (time, sender, kwargs, path, user) in a deque and wakes an idle
     sender thread, which sends what gathered as one orjson list with one RPUSH
-    (``benchmarks/lag_floor.py`` ``FloorSender``). No validation, no headers, no ids, no
+    (:class:`~benchmarks.lag_floor.FloorSender`). No validation, no headers, no ids, no
     redaction, no RQ job, no spool: nothing signal_queue promises, only its shape (the
     request thread hands over, a thread sends in batches).
     """
 
-    def __init__(self, redis_url: str) -> None:
-        self.sender = FloorSender(redis_url, "floor:events")
-
     def receiver(self, sender: Any, **kwargs: Any) -> None:
-        self.sender.put((time.time(), sender, kwargs, request.path, g.get("current_user")))
+        self.put((time.time(), sender, kwargs, request.path, g.get("current_user")))
 
-    def flush(self) -> None:
-        self.sender.flush()
+
+def flush(app: Flask) -> None:
+    """Send what ``app``'s background sender holds (signal_queue's outbox, the floor bridge's), and wait."""
+    state = app.extensions.get("signal_queue")
+    if state is not None:
+        state.outbox.flush()
+    bridge = app.extensions.get("floor_bridge")
+    if bridge is not None:
+        bridge.flush()
 
 
 def append_line_off_request(kwargs: dict[str, Any]) -> None:

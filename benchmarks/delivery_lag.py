@@ -190,11 +190,11 @@ def main() -> int:
         [sys.executable, "worker.py", "--app", "benchmarks.lag_app:app", "--logging-level", args.logging_level],
         cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    floor = None
-    if lag_app.LAG_FILE:
+    floor = emitter = None
+    if lag_app.LAG_FILE:  # the floor's child notes its lags in the same file
         floor = subprocess.Popen([sys.executable, "benchmarks/lag_floor.py", "--worker", server.url, lag_app.LAG_FILE],
                                  cwd=ROOT, env=ENV)
-    emitter = FloorSender(server.url)
+        emitter = FloorSender(server.url)
     rows = []
     try:
         deadline = time.monotonic() + 30
@@ -204,12 +204,12 @@ def main() -> int:
             time.sleep(0.05)
         note_sends()
         run_rate(conn, 200, 0.5)  # warm up both sides
-        if floor is not None:
+        if emitter is not None:
             run_floor(conn, emitter, 200, 0.5)
         for rate in args.rates:
             # Each rate through signal_queue, then through the floor's hops, one after the other.
             rows.append((rate, run_rate(conn, rate, args.seconds),
-                         None if floor is None else run_floor(conn, emitter, rate, args.seconds)))
+                         None if emitter is None else run_floor(conn, emitter, rate, args.seconds)))
     finally:
         for process in (worker, floor):
             if process is not None:

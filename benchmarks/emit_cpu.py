@@ -34,13 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
 
-from benchmarks.apps import make_app  # noqa: E402
+from benchmarks.apps import flush, make_app  # noqa: E402
+from devtools.redis_process import RedisProcess  # noqa: E402
+from signal_queue import SignalQueue  # noqa: E402
 
 #: What each round runs: the baseline (no receiver), signal_queue, the inline append it replaces, and the
 #: floor of a thread-based bridge in Python (benchmarks/apps.py FloorBridge: what any design like ours pays).
 VARIANTS = ("baseline", "signal_queue", "inline_append", "floor_bridge")
-from devtools.redis_process import RedisProcess  # noqa: E402
-from signal_queue import SignalQueue  # noqa: E402
 
 
 def cpu() -> float:
@@ -55,17 +55,13 @@ def run(variant: str, n: int, url: str, requests: int) -> tuple[float, float, fl
     state = app.extensions.get("signal_queue")
     for i in range(300):  # warm up: the sender thread, connections, caches
         client.get(f"/orders/{i}?user=alice", buffered=True)
-    bridge = app.extensions.get("floor_bridge")
-    if state is not None:
-        state.outbox.flush()
+    flush(app)
     start_cpu, start_thread, start_wall = cpu(), time.thread_time(), time.perf_counter()
     for i in range(requests):
         client.get(f"/orders/{i}?user=alice", buffered=True)
     thread = time.thread_time() - start_thread
-    if bridge is not None:
-        bridge.flush()
+    flush(app)
     if state is not None:
-        state.outbox.flush()
         # the sender may still be between its take and its send: wait until Redis has them all
         conn = redis.Redis.from_url(url)
         deadline = time.monotonic() + 60

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from redis.connection import Connection  # noqa: E402
 
-from benchmarks.apps import VARIANTS, make_app  # noqa: E402
+from benchmarks.apps import VARIANTS, flush, make_app  # noqa: E402
 from devtools.redis_process import RedisProcess, free_port  # noqa: E402
 
 ROUND_TRIPS = [0]
@@ -60,9 +60,7 @@ def bench_inproc(variant: str, n: int, url: str, requests: int) -> dict[str, flo
     client = app.test_client()
     for i in range(200):
         client.get(f"/orders/{i}?user=alice", buffered=True)
-    state = app.extensions.get("signal_queue")
-    if state is not None:
-        state.outbox.flush()
+    flush(app)
     Connection.send_packed_command = _counting_send  # type: ignore[method-assign]
     ROUND_TRIPS[0] = 0
     times = []
@@ -72,10 +70,7 @@ def bench_inproc(variant: str, n: int, url: str, requests: int) -> dict[str, flo
         # buffered=True closes the response, so work run on close is in the latency
         client.get(f"/orders/{i}?user=alice", buffered=True)
         times.append(time.perf_counter() - t)
-    if state is not None:
-        state.outbox.flush()  # the sender's work and round trips count too
-    if "floor_bridge" in app.extensions:
-        app.extensions["floor_bridge"].flush()
+    flush(app)  # the sender's work and round trips count too
     elapsed = time.perf_counter() - started
     trips = ROUND_TRIPS[0]
     Connection.send_packed_command = _send  # type: ignore[method-assign]
