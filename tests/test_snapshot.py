@@ -15,8 +15,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from werkzeug.exceptions import SecurityError
 
+from signal_queue.consumer.context import plain_environ, werkzeug_environ
 from signal_queue.producer.capture import _plain_snapshot, _werkzeug_snapshot, utc_isoformat
 from signal_queue.wire.codec import Codec
+from signal_queue.wire.event import RequestSnapshot
 from tests.conftest import drain, run_worker
 from tests.recording import records
 from tests.snapshot_app import create_app, probe
@@ -199,6 +201,64 @@ def test_the_snapshot_read_straight_from_the_environ_is_werkzeugs() -> None:
             fast += 1
             assert got == expected, environ
     assert fast > 500, "the fast path serves the plain requests"
+
+
+def random_snapshot(rng: random.Random) -> RequestSnapshot:
+    """A request snapshot as the worker may read one: each part mostly plain, else one that URL, IRI or
+    header encoding changes (or refuses)."""
+    plain = "abcXYZ019_.~-!$&'()*+,;=:@/"
+    odd = plain + "%?# \u00e9\u2603\x7f\t\"<>[]{}|\\^`"
+
+    def pick(usual: list[Any], unusual: list[Any]) -> Any:
+        return rng.choice(usual if rng.random() < 0.8 else unusual)
+
+    def text(start: str, chars: str) -> str:
+        return start + "".join(rng.choice(chars) for _ in range(rng.randrange(12)))
+
+    headers = [
+        pick([("User-Agent", "bench/1.0"), ("Accept", "text/html, */*;q=0.8"), ("accept", "application/json"),
+              ("X-Request-ID", "rid"), ("Cookie", "a=1; b=2"), ("X-Empty", ""), ("Content-Type", "text/plain"),
+              ("content-type", "application/json; charset=utf-8"), ("Host", "from.header:1"), ("Content-Length", "12")],
+             [("Content-Type", "multipart/form-data"), ("Content-Type", "Application/X-WWW-Form-URLEncoded"),
+              ("content-type", "application/x-www-form-urlencoded; charset=x"), ("X-Odd", "caf\u00e9"),
+              ("X-Odd", "tab\there"), ("X-Split", "a\nb"), ("X_Under", "v"), ("x@at", "v"), ("X Space", "v"),
+              ("\u00e9t\u00e9", "v")])
+        for _ in range(rng.randrange(6))
+    ]
+    return RequestSnapshot(
+        method=pick(["GET", "POST", "patch"], ["M\u00e9THOD", "GET "]),
+        scheme=pick(["http", "https"], ["HTTP", "ftp"]),
+        host=pick(["localhost", "example.com:80", "example.com:443", "xn--n3h.net", "127.0.0.1", "srv:8000",
+                   "-dash-.example"],
+                  ["LocalHost:5000", "example.com:0080", "[::1]:8080", "a..b", "h\u00e9.com", "srv:70000", "srv:",
+                   "x" * 64 + ".com", "host.", ""]),
+        root_path=pick(["", "/app", "/app/", "/"], ["//x", "/\u00e9", "/a%20b", "app"]),
+        path=text(pick(["/", "/orders/42"], ["//twice", ""]), pick([plain], [odd])),
+        query_string=text("", pick([plain + "?=&"], [odd])),
+        url="", endpoint=None, view_args={}, headers=headers,
+        remote_addr=None, client_ip=rng.choice(["10.0.0.1", "::1", None]), request_id="rid-1",
+    )
+
+
+def test_the_worker_builds_the_environ_werkzeug_builds() -> None:
+    """For 5,000 snapshots, plain and odd: the worker's own environ is EnvironBuilder's, or it steps aside."""
+    app = Flask(__name__)
+    rng = random.Random(17)
+    fast = 0
+    for _ in range(5000):
+        snap = random_snapshot(rng)
+        try:
+            expected = werkzeug_environ(app, snap)
+        except (UnicodeError, ValueError):
+            expected = None  # werkzeug cannot build it: neither may the fast path
+        got = plain_environ(snap)
+        if got is None:
+            continue
+        fast += 1
+        assert expected is not None, snap
+        assert got.pop("wsgi.input").getvalue() == expected.pop("wsgi.input").getvalue(), snap
+        assert got == expected, snap
+    assert fast > 800, "the fast path serves the plain snapshots"
 
 
 def test_emitted_at_is_datetimes_own_isoformat() -> None:

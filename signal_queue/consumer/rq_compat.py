@@ -1020,6 +1020,8 @@ class CompatQueue(Queue):
     abandoned_after: ClassVar[int] = 30
     _taker: ClassVar[tuple[int, str] | None] = None
     _watch: ClassVar[_QueueWatch | None] = None
+    #: The Queue object of each queue a take named, by how it was made (see :meth:`_queue_of`).
+    _queues: ClassVar[dict[tuple[Any, ...], Queue]] = {}
 
     def acquire_maintenance_lock(self) -> bool:
         # rq 3.0 Queue.acquire_maintenance_lock, with our TTL.
@@ -1148,10 +1150,7 @@ class CompatQueue(Queue):
         the entry is quarantined: RQ would drop a missing job's id without a trace."""
         queue_key, entry, kind, flat = as_text(reply[0]), reply[1], as_text(reply[2]), reply[3]
         job_cls: type[Job] = job_class or cls.job_class
-        queue = cls.from_queue_key(
-            queue_key, connection=connection, job_class=job_cls, serializer=serializer,
-            death_penalty_class=death_penalty_class,
-        )
+        queue = cls._queue_of(queue_key, connection, job_cls, serializer, death_penalty_class)
         job_id = entry_text(entry)
         reason = None
         if entry != job_id.encode() or not JOB_ID_PATTERN.fullmatch(job_id):
@@ -1176,6 +1175,30 @@ class CompatQueue(Queue):
                     unstart(connection, started, to="intermediate")
         quarantine(connection, queue.intermediate_queue_key, TAKEN_KEY.format(queue.name), queue.name, entry, reason)
         return None
+
+    @classmethod
+    def _queue_of(
+        cls, queue_key: str, connection: redis.Redis, job_class: type[Job], serializer: Any, death_penalty_class: Any,
+    ) -> Queue:
+        """rq 3.0 ``Queue.from_queue_key`` (what ``dequeue_any`` calls for each job), made once per queue.
+
+        A Queue object holds no job's state; making it was a fifth of a worker's time from a
+        job's arrival to its handing over, when idle. The key holds the connection by identity.
+        """
+        key = (queue_key, id(connection), job_class, serializer, death_penalty_class)
+        try:
+            queue = cls._queues.get(key)
+        except TypeError:  # a serializer that cannot be a key: made for each job, as RQ does
+            return cls.from_queue_key(queue_key, connection=connection, job_class=job_class, serializer=serializer,
+                                      death_penalty_class=death_penalty_class)
+        if queue is None or queue.connection is not connection:
+            if len(cls._queues) >= 64:  # connections made anew (a Redis restart): let the old ones go
+                cls._queues.clear()
+            queue = cls._queues[key] = cls.from_queue_key(
+                queue_key, connection=connection, job_class=job_class, serializer=serializer,
+                death_penalty_class=death_penalty_class,
+            )
+        return queue
 
     @classmethod
     def _wait(
