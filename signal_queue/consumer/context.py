@@ -20,7 +20,7 @@ from flask.testing import EnvironBuilder
 from werkzeug.local import LocalProxy
 
 from ..wire.codec import Codec
-from ..wire.event import REQUEST_ID_ENVIRON_KEY, Event, RequestSnapshot
+from ..wire.event import REQUEST_ID_ENVIRON_KEY, URL_PLAIN_CHARS, Event, RequestSnapshot
 from ..wire.receivers import muted
 
 _current_event: ContextVar[Event] = ContextVar("signal_queue.current_event")
@@ -75,10 +75,10 @@ Environs = dict[tuple[Any, ...], _Built]
 
 
 #: What :func:`plain_environ` builds without werkzeug: a host of lower-case ASCII labels with an optional
-#: port as written (IRI-to-URI encoding and urlsplit change nothing in it), paths of printable ASCII with
-#: no escape, query or fragment, header names and values of printable ASCII.
+#: port as written (IRI-to-URI encoding and urlsplit change nothing in it), paths of the characters URL
+#: handling leaves as they are (no escape, query or fragment), header names and values of printable ASCII.
 _PLAIN_HOST = re.compile(r"[a-z0-9-]{1,63}(?:\.[a-z0-9-]{1,63})*(?::([1-9][0-9]{0,4}))?")
-_PLAIN_PATH = re.compile(r"(?:/[!$&'()*+,\-.0-9:;=@A-Z_a-z~]*)+")
+_PLAIN_PATH = re.compile(f"/[{URL_PLAIN_CHARS}]*")
 _PLAIN_TEXT = re.compile(r"[ -~]*")
 _PLAIN_NAME = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z|~]+")
 #: Bodies werkzeug's EnvironBuilder makes up for these content types (an empty form): it builds those.

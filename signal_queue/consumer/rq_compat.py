@@ -1020,8 +1020,6 @@ class CompatQueue(Queue):
     abandoned_after: ClassVar[int] = 30
     _taker: ClassVar[tuple[int, str] | None] = None
     _watch: ClassVar[_QueueWatch | None] = None
-    #: The Queue object of each queue a take named, by how it was made (see :meth:`_queue_of`).
-    _queues: ClassVar[dict[tuple[Any, ...], Queue]] = {}
 
     def acquire_maintenance_lock(self) -> bool:
         # rq 3.0 Queue.acquire_maintenance_lock, with our TTL.
@@ -1069,8 +1067,8 @@ class CompatQueue(Queue):
                 # After a wait, its take came back with it (see _wait).
                 reply = waited if waited is not None else cls._take(connection, queues, hold)
                 waited = None
-                result = None if reply is None else cls._job_of(reply, connection, job_class, serializer,
-                                                                death_penalty_class)
+                result = None if reply is None else cls._job_of(reply, queues, connection, job_class,
+                                                                serializer, death_penalty_class)
                 if result is not None and reply is not None:
                     CompatQueue.taken = (result[0].id, result[1])
                     CompatQueue.read = result[0].id
@@ -1143,14 +1141,14 @@ class CompatQueue(Queue):
 
     @classmethod
     def _job_of(
-        cls, reply: list[Any], connection: redis.Redis, job_class: type[Job] | None, serializer: Any,
-        death_penalty_class: Any,
+        cls, reply: list[Any], queues: Sequence[Queue], connection: redis.Redis, job_class: type[Job] | None,
+        serializer: Any, death_penalty_class: Any,
     ) -> tuple[Job, Queue] | None:
         """The job and queue a take returned (rq 3.0 ``Queue._fetch_dequeued_job``), or None once
         the entry is quarantined: RQ would drop a missing job's id without a trace."""
         queue_key, entry, kind, flat = as_text(reply[0]), reply[1], as_text(reply[2]), reply[3]
         job_cls: type[Job] = job_class or cls.job_class
-        queue = cls._queue_of(queue_key, connection, job_cls, serializer, death_penalty_class)
+        queue = cls._queue_of(queue_key, queues, connection, job_cls, serializer, death_penalty_class)
         job_id = entry_text(entry)
         reason = None
         if entry != job_id.encode() or not JOB_ID_PATTERN.fullmatch(job_id):
@@ -1178,27 +1176,21 @@ class CompatQueue(Queue):
 
     @classmethod
     def _queue_of(
-        cls, queue_key: str, connection: redis.Redis, job_class: type[Job], serializer: Any, death_penalty_class: Any,
+        cls, queue_key: str, queues: Sequence[Queue], connection: redis.Redis, job_class: type[Job], serializer: Any,
+        death_penalty_class: Any,
     ) -> Queue:
-        """rq 3.0 ``Queue.from_queue_key`` (what ``dequeue_any`` calls for each job), made once per queue.
+        """The queue ``queue_key`` as rq 3.0 ``dequeue_any`` makes it for each job (``Queue.from_queue_key``):
+        the worker's own Queue object of it when it is made the same way (a worker makes its queues with
+        its job class, serializer and death penalty), else a new one.
 
-        A Queue object holds no job's state; making it was a fifth of a worker's time from a
-        job's arrival to its handing over, when idle. The key holds the connection by identity.
+        Making one was a fifth of a worker's time from a job's arrival to its handing over, when idle.
         """
-        key = (queue_key, id(connection), job_class, serializer, death_penalty_class)
-        try:
-            queue = cls._queues.get(key)
-        except TypeError:  # a serializer that cannot be a key: made for each job, as RQ does
-            return cls.from_queue_key(queue_key, connection=connection, job_class=job_class, serializer=serializer,
-                                      death_penalty_class=death_penalty_class)
-        if queue is None or queue.connection is not connection:
-            if len(cls._queues) >= 64:  # connections made anew (a Redis restart): let the old ones go
-                cls._queues.clear()
-            queue = cls._queues[key] = cls.from_queue_key(
-                queue_key, connection=connection, job_class=job_class, serializer=serializer,
-                death_penalty_class=death_penalty_class,
-            )
-        return queue
+        for queue in queues:
+            if (queue.key == queue_key and queue.connection is connection and queue.job_class is job_class
+                    and queue.serializer is serializer and queue.death_penalty_class is death_penalty_class):
+                return queue
+        return cls.from_queue_key(queue_key, connection=connection, job_class=job_class, serializer=serializer,
+                                  death_penalty_class=death_penalty_class)
 
     @classmethod
     def _wait(

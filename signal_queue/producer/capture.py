@@ -26,7 +26,7 @@ from werkzeug.sansio.utils import get_current_url
 
 from ..exceptions import PayloadError
 from ..wire.codec import REDACTED, Codec, Unserializable, redact_path
-from ..wire.event import FORMAT_VERSION, REQUEST_ID_ENVIRON_KEY, new_id
+from ..wire.event import FORMAT_VERSION, REQUEST_ID_ENVIRON_KEY, URL_PLAIN_CHARS, new_id
 from ..wire.receivers import DeferredReceiver
 
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -140,8 +140,8 @@ _RAW_KEY = "signal_queue.raw_request"
 #: Paths and query strings made only of these characters are left as they are by werkzeug's URL
 #: building (``quote`` with its safe characters, then ``uri_to_iri``, which only unquotes ``%XX``):
 #: such a request's ``url`` is its host's prefix with them appended, no werkzeug call needed.
-_PLAIN_PATH = re.compile(r"[A-Za-z0-9_.~!$&'()*+,/:;=@-]*").fullmatch
-_PLAIN_QUERY = re.compile(r"[A-Za-z0-9_.~!$&'()*+,/:;=?@-]*").fullmatch
+_PLAIN_PATH = re.compile(f"[{URL_PLAIN_CHARS}]*").fullmatch
+_PLAIN_QUERY = re.compile(f"[?{URL_PLAIN_CHARS}]*").fullmatch
 #: Entries kept by each cache below: header names and Host values come from clients.
 _CACHE_MAX = 10_000
 #: (scheme, Host header, SERVER_NAME, SERVER_PORT) -> (host, URL up to the path), as werkzeug makes them.

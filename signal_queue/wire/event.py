@@ -24,6 +24,11 @@ FORMAT_VERSION = 1
 #: so every event of one request, and every event its handlers send, carries the same id.
 REQUEST_ID_ENVIRON_KEY = "signal_queue.request_id"
 
+#: The characters (a regex class's inside) that werkzeug's URL handling leaves as they are in a path:
+#: its ``quote`` keeps them and, with no ``%``, there is nothing to unquote. A snapshot's path made of
+#: them is read (producer) and rebuilt (worker) without a werkzeug call.
+URL_PLAIN_CHARS = r"A-Za-z0-9_.~!$&'()*+,/:;=@-"
+
 # Event and request ids: a random per-process prefix and a counter. Unique
 # across processes and far cheaper on the request thread than uuid4().
 _id_prefix = os.urandom(8).hex()
